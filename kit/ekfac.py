@@ -1,0 +1,352 @@
+"""EK-FAC: eigenvalue-corrected Kronecker-factored curvature, one linear layer at a time.
+
+Read this module top to bottom; it follows the order of the maths.
+
+Setting
+-------
+A tracked linear layer computes ``s_t = W a_t`` for every token ``t`` of a sequence, with
+``W ∈ R^{d_out × d_in}`` (a bias is folded in by appending a constant 1 to ``a_t``). Back-propagating a
+loss ``L`` through the network gives the *pseudo-gradient* ``g_t = ∂L/∂s_t ∈ R^{d_out}`` and the weight
+gradient of one sequence is the sum of outer products
+
+    G_n = ∂L_n/∂W = Σ_t g_t a_tᵀ.                                                       (1)
+
+Influence functions need the inverse of the (damped) Fisher / Gauss–Newton matrix of the tracked
+weights, ``F = E_n[vec(G_n) vec(G_n)ᵀ]``, which has ``(d_out·d_in)²`` entries: far too many. EK-FAC
+(George et al. 2018; Grosse et al. 2023) approximates it in four steps:
+
+1. **Covariances** (:func:`accumulate_covariances`). Average over all non-padding tokens
+
+       A = E_t[a_t a_tᵀ]  (d_in × d_in),        S = E_t[g_t g_tᵀ]  (d_out × d_out).
+
+   KFAC approximates ``F ≈ A ⊗ S``. For the *true* Fisher the labels that produce ``g_t`` are sampled from
+   the model's own predictive distribution; the *empirical* Fisher uses the document's real next tokens.
+
+2. **Eigenbasis** (:func:`eigendecompose`). In float64, ``A = Q_A diag(λ_A) Q_Aᵀ`` and
+   ``S = Q_S diag(λ_S) Q_Sᵀ``. KFAC's eigenvalues would be the products ``λ_S[i]·λ_A[j]``.
+
+3. **Corrected eigenvalues** (:func:`accumulate_lambda`). KFAC's eigenbasis is kept, but its eigenvalues
+   are replaced by the exact second moments of the per-sequence gradients in that basis:
+
+       Λ = E_n[(Q_Sᵀ G_n Q_A)²]     (elementwise square, d_out × d_in).
+
+   Because ``Q_Sᵀ G_n Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ``, this never materialises ``G_n`` in the original basis.
+
+4. **Damping and preconditioning** (:meth:`LayerFactors.precondition`). With damping ``λ`` (default
+   ``0.1 × mean(Λ)`` per layer, as Grosse et al.), the inverse-Fisher-vector product of a gradient ``V``
+   shaped like ``W`` is
+
+       (F + λI)⁻¹ V ≈ Q_S [ (Q_Sᵀ V Q_A) ⊘ (Λ + λ) ] Q_Aᵀ.                               (2)
+
+The influence of a training document ``z`` on a query ``q`` is then the sum over tracked layers of
+``⟨P_q, G_z⟩`` with ``P_q`` the preconditioned query gradient (2); see :mod:`kit.influence` for the score.
+
+Layers: ``nn.Linear`` stores ``W`` as ``(d_out, d_in)``; Hugging Face GPT-2's ``Conv1D`` stores it transposed
+``(d_in, d_out)``. Hooks see both as ``s = W a (+ b)`` with the same ``a`` and ``g``; everything in this module
+uses the ``(d_out, d_in)`` convention, and :func:`weight_gradient_layout` converts back for comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerFactors",
+    "TokenHooks",
+    "accumulate_covariances",
+    "eigendecompose",
+    "accumulate_lambda",
+    "damping_value",
+    "dense_ekfac_matrix",
+    "FactorError",
+]
+
+
+class FactorError(RuntimeError):
+    """Raised when a factor cannot be computed (non-finite covariance, missing stage)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Capturing a_t and g_t
+# --------------------------------------------------------------------------------------------------------------
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's GPT-2 style ``Conv1D`` (weight stored ``(d_in, d_out)``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """``(d_out, d_in, has_bias)`` of a tracked layer, ``d_in`` excluding the bias column."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features, module.bias is not None
+    if is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return d_out, d_in, module.bias is not None
+    raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or GPT-2 Conv1D)")
+
+
+def weight_gradient_layout(module: nn.Module, grad_out_in: Tensor) -> Tensor:
+    """Convert a ``(d_out, d_in[+1])`` gradient to the layout of ``module.weight`` (drops the bias column)."""
+    d_out, d_in, _ = layer_shape(module)
+    g = grad_out_in[..., :d_out, :d_in]
+    return g.transpose(-1, -2) if is_conv1d(module) else g
+
+
+class TokenHooks:
+    """Hooks that hand ``(layer name, a, g)`` to a callback for every tracked layer after each backward.
+
+    ``a`` is the layer input with a trailing 1 appended when the layer has a bias, shape ``(B, T, d_in[+1])``;
+    ``g`` is the gradient of the loss w.r.t. the layer output, ``(B, T, d_out)``. Both are zeroed at padding
+    positions using the mask given to :meth:`set_mask` (``(B, T)``, 1 = real token).
+
+    Parameter gradients are switched off while the hooks are installed: the backward pass then only computes
+    what the hooks need (activation gradients from the loss down to the first tracked layer), which is what
+    makes the scoring pass cost about one forward + backward.
+    """
+
+    def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], callback: Callable[[str, Tensor, Tensor], None]):
+        self.model, self.modules, self.callback = model, modules, callback
+        self.mask: Optional[Tensor] = None
+        self._handles: list = []
+        self._saved_requires_grad: list = []
+
+    def set_mask(self, mask: Tensor) -> None:
+        self.mask = mask
+
+    def _forward_hook(self, name: str, module: nn.Module):
+        bias = layer_shape(module)[2]
+
+        def hook(mod, inputs, output):
+            if not torch.is_grad_enabled():
+                return
+            a = inputs[0].detach()
+            if bias:
+                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+            mask = self.mask
+            if mask is not None:
+                a = a * mask.to(a.dtype).unsqueeze(-1)
+            if not output.requires_grad:  # first tracked layer: start the graph here
+                output.requires_grad_(True)
+
+            def grad_hook(g):
+                g = g.detach()
+                if mask is not None:
+                    g = g * mask.to(g.dtype).unsqueeze(-1)
+                self.callback(name, a, g)
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def __enter__(self) -> "TokenHooks":
+        for p in self.model.parameters():
+            self._saved_requires_grad.append((p, p.requires_grad))
+            p.requires_grad_(False)
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name, module)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for p, flag in self._saved_requires_grad:
+            p.requires_grad_(flag)
+        self._handles, self._saved_requires_grad = [], []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Factors of one layer
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerFactors:
+    """Everything EK-FAC knows about one tracked layer (all float64).
+
+    ``A``/``S`` are *sums* over tokens until :func:`eigendecompose` divides them by ``n_tokens``;
+    ``lambda_sum`` is a sum over sequences until divided by ``n_sequences``.
+    """
+
+    name: str
+    d_out: int
+    d_in: int  # including the bias column if any
+    A: Optional[Tensor] = None  # activation covariance E_t[a aᵀ]
+    S: Optional[Tensor] = None  # pseudo-gradient covariance E_t[g gᵀ]
+    n_tokens: int = 0
+    Q_A: Optional[Tensor] = None
+    eig_A: Optional[Tensor] = None
+    Q_S: Optional[Tensor] = None
+    eig_S: Optional[Tensor] = None
+    Lambda: Optional[Tensor] = None  # corrected eigenvalues E_n[(Q_Sᵀ G_n Q_A)²]
+    n_sequences: int = 0
+
+    # -- damping and preconditioning ---------------------------------------------------------------------------
+    def damping(self, damping: Union[str, float] = "heuristic") -> float:
+        return damping_value(self.Lambda, damping)
+
+    def precondition(self, V: Tensor, damping: Union[str, float] = "heuristic", kfac: bool = False) -> Tensor:
+        """Apply equation (2), ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ``, to ``V`` of shape ``(..., d_out, d_in)``.
+
+        With ``kfac=True`` the KFAC eigenvalues ``λ_S ⊗ λ_A`` replace the corrected ``Λ`` (for comparison).
+        """
+        lam = self.kfac_eigenvalues() if kfac else self.Lambda
+        if lam is None:
+            raise FactorError(f"layer {self.name}: corrected eigenvalues are missing; fit the factors first")
+        damp = damping_value(lam, damping)
+        Q_S, Q_A = self.Q_S.to(V.dtype), self.Q_A.to(V.dtype)
+        rotated = Q_S.T @ V @ Q_A
+        rotated = rotated / (lam.to(V.dtype) + damp)
+        return Q_S @ rotated @ Q_A.T
+
+    def kfac_eigenvalues(self) -> Tensor:
+        """KFAC's eigenvalues ``λ_S[i] λ_A[j]``, scaled to the per-sequence Fisher by tokens per sequence."""
+        tokens_per_seq = self.n_tokens / max(self.n_sequences, 1)
+        return torch.outer(self.eig_S, self.eig_A) * tokens_per_seq
+
+    def state_dict(self, stage: str) -> Dict[str, Tensor]:
+        keys = {"covariance": ["A", "S"], "eigen": ["Q_A", "eig_A", "Q_S", "eig_S"], "lambda": ["Lambda"]}[stage]
+        out = {f"{self.name}/{k}": getattr(self, k).contiguous() for k in keys}
+        counts = {"covariance": self.n_tokens, "eigen": self.n_tokens, "lambda": self.n_sequences}[stage]
+        out[f"{self.name}/count_{stage}"] = torch.tensor(counts, dtype=torch.int64)
+        return out
+
+    def load_state(self, stage: str, tensors: Dict[str, Tensor]) -> None:
+        keys = {"covariance": ["A", "S"], "eigen": ["Q_A", "eig_A", "Q_S", "eig_S"], "lambda": ["Lambda"]}[stage]
+        for k in keys:
+            setattr(self, k, tensors[f"{self.name}/{k}"].to(torch.float64))
+        count = int(tensors[f"{self.name}/count_{stage}"])
+        if stage == "lambda":
+            self.n_sequences = count
+        else:
+            self.n_tokens = count
+
+
+def new_factors(modules: Dict[str, nn.Module]) -> Dict[str, LayerFactors]:
+    out = {}
+    for name, module in modules.items():
+        d_out, d_in, bias = layer_shape(module)
+        out[name] = LayerFactors(name=name, d_out=d_out, d_in=d_in + int(bias))
+    return out
+
+
+def damping_value(Lambda: Tensor, damping: Union[str, float]) -> float:
+    """``0.1 × mean(Λ)`` for ``"heuristic"`` (Grosse et al. 2023), else the given fixed value."""
+    if isinstance(damping, str):
+        if damping != "heuristic":
+            raise ValueError(f"damping must be 'heuristic' or a non-negative number, got {damping!r}")
+        return 0.1 * float(Lambda.mean())
+    if not (damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be 'heuristic' or a non-negative number, got {damping!r}")
+    return float(damping)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 1: covariances
+# --------------------------------------------------------------------------------------------------------------
+
+
+def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor, Tensor], None]:
+    """Hook callback adding ``Σ_t a aᵀ`` and ``Σ_t g gᵀ`` of a batch to the factors (padding already zeroed)."""
+
+    def callback(name: str, a: Tensor, g: Tensor) -> None:
+        f = factors[name]
+        a2 = a.reshape(-1, a.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        if f.A is None:
+            f.A = torch.zeros(f.d_in, f.d_in, dtype=torch.float64, device=a.device)
+            f.S = torch.zeros(f.d_out, f.d_out, dtype=torch.float64, device=a.device)
+        f.A += (a2.T @ a2).to(torch.float64)
+        f.S += (g2.T @ g2).to(torch.float64)
+
+    return callback
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 2: eigendecomposition
+# --------------------------------------------------------------------------------------------------------------
+
+
+def eigendecompose(factors: Dict[str, LayerFactors]) -> None:
+    """Normalise the summed covariances to means and eigendecompose them in float64.
+
+    A non-finite covariance (NaN/inf activations or gradients, e.g. from an overflowing fp16 model) is
+    reported with the layer's name instead of failing inside ``eigh``.
+    """
+    for f in factors.values():
+        if f.A is None or f.n_tokens == 0:
+            raise FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
+        for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):
+            if not torch.isfinite(M).all():
+                raise FactorError(
+                    f"layer {f.name}: the {label} contains NaN or inf values; the model produced non-finite "
+                    "activations or gradients on this corpus (check the model's dtype and the documents)"
+                )
+        A = (f.A / f.n_tokens).to(torch.float64)
+        S = (f.S / f.n_tokens).to(torch.float64)
+        f.A, f.S = A, S
+        f.eig_A, f.Q_A = torch.linalg.eigh(0.5 * (A + A.T))
+        f.eig_S, f.Q_S = torch.linalg.eigh(0.5 * (S + S.T))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 3: eigenvalue correction
+# --------------------------------------------------------------------------------------------------------------
+
+
+def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor, Tensor], None]:
+    """Hook callback adding ``Σ_n (Q_Sᵀ G_n Q_A)²`` of a batch, with ``G_n = Σ_t g_t a_tᵀ`` per sequence."""
+
+    def callback(name: str, a: Tensor, g: Tensor) -> None:
+        f = factors[name]
+        Q_S, Q_A = f.Q_S.to(a.dtype), f.Q_A.to(a.dtype)
+        # rotate per token, then sum the outer products over tokens: (B, d_out, d_in) in the eigenbasis
+        rotated = torch.bmm((g @ Q_S).transpose(1, 2), a @ Q_A)
+        update = rotated.pow(2).sum(0).to(torch.float64)
+        f.Lambda = update if f.Lambda is None else f.Lambda + update
+
+    return callback
+
+
+def finalise_lambda(factors: Dict[str, LayerFactors]) -> None:
+    for f in factors.values():
+        if f.Lambda is None or f.n_sequences == 0:
+            raise FactorError(f"layer {f.name}: no sequences were seen in the eigenvalue-correction pass")
+        if not torch.isfinite(f.Lambda).all():
+            raise FactorError(f"layer {f.name}: the corrected eigenvalues contain NaN or inf values")
+        f.Lambda = f.Lambda / f.n_sequences
+
+
+# --------------------------------------------------------------------------------------------------------------
+# For tests and teaching: the dense matrix EK-FAC stands for
+# --------------------------------------------------------------------------------------------------------------
+
+
+def dense_ekfac_matrix(f: LayerFactors, damping: Union[str, float] = "heuristic") -> Tensor:
+    """The explicit ``(d_out·d_in)²`` matrix ``(Q_S ⊗ Q_A) diag(vec(Λ) + λ) (Q_S ⊗ Q_A)ᵀ`` for row-major vec(W).
+
+    Only for tiny layers: it is what :meth:`LayerFactors.precondition` inverts implicitly.
+    """
+    K = torch.kron(f.Q_S, f.Q_A)
+    diag = f.Lambda.reshape(-1) + damping_value(f.Lambda, damping)
+    return K @ torch.diag(diag) @ K.T
+
+
+@contextlib.contextmanager
+def hooks(model: nn.Module, modules: Dict[str, nn.Module], callback) -> Iterator[TokenHooks]:
+    with TokenHooks(model, modules, callback) as h:
+        yield h
+
+
+def total_parameters(factors: Dict[str, LayerFactors]) -> int:
+    return sum(f.d_out * f.d_in for f in factors.values())
+
+
+def layer_names(factors: Dict[str, LayerFactors]) -> List[str]:
+    return list(factors)

@@ -1,0 +1,314 @@
+"""Influence of documents on queries with EK-FAC: losses, data passes, query gradients, scores.
+
+For a document ``z`` and a query ``q = (prompt p, completion c)``:
+
+    I(z, q) = ∇L_q ᵀ (F + λI)⁻¹ ∇L_z = Σ_layers ⟨P_q, G_z⟩,
+
+* ``L_q = −log p(c | p)``, summed over the completion's tokens (prompt tokens are masked): its value is the
+  completion's information content in nats;
+* ``L_z`` = the document's summed next-token loss, ``G_z = Σ_t g_t a_tᵀ`` its weight gradient per layer;
+* ``P_q = (F + λI)⁻¹ ∇L_q`` the EK-FAC-preconditioned query gradient (:mod:`kit.ekfac`, eq. 2).
+
+Sign: upweighting ``z`` moves the weights by ``−ε (F+λI)⁻¹ ∇L_z`` and changes ``L_q`` by ``−ε I(z, q)``, so a
+**positive score means the document raises log p(c | p)** (it helps the completion).
+
+One backward pass over a batch of documents serves every query: with the layer's per-document gradient
+``G_z = Σ_t g_t a_tᵀ`` in hand, all scores are the matrix product ``vec(P) vec(G_z)ᵀ``. With a rank-``r``
+query (``P ≈ L R``, from an SVD) the score is ``Σ_t (Lᵀ g_t) · (R a_t)`` and ``G_z`` is not needed for it.
+
+Normalisations (:func:`normalise`):
+
+* **per nat** — divide a query's scores by its completion's nats, so queries of different length compare;
+* **document-normalised** — divide a document's scores by ``‖∇L_z‖₂``, the Euclidean norm of its gradient over
+  the tracked weights (one constant per document, as in the paper's released "normalised" scores; a
+  cosine-style score as in TrackStar). Raw influence is dominated by documents with large gradients (long or
+  high-loss documents) whatever the query; this ranks documents by *direction* instead. The Euclidean norm is
+  used rather than the preconditioned norm ``√(∇L_zᵀ (F+λI)⁻¹ ∇L_z)`` because it falls out of the scoring pass
+  for free. Raw is the default everywhere; the paper's published ranks use the normalised ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import ekfac
+from .corpus import IGNORE, Batch
+
+Damping = Union[str, float]
+
+# --------------------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sample_labels(logits: Tensor, batch: Batch, seed: int) -> Tensor:
+    """Labels drawn from the model's own predictive distribution (true Fisher), at the positions that have a
+    next-token target. Each item's draws come from a generator seeded by ``(seed, item index)``, so they do not
+    depend on batch size, padding or order."""
+    labels = batch.labels.clone()
+    probs = torch.softmax(logits.detach()[:, :-1].to(torch.float64), dim=-1).cpu()
+    valid = (batch.labels[:, 1:] != IGNORE).cpu()
+    for r, item in enumerate(batch.index.tolist()):
+        n = int(valid[r].sum())
+        if n == 0:
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + item)
+        pos = valid[r].nonzero().squeeze(1)
+        draws = torch.multinomial(probs[r, pos], 1, generator=gen).squeeze(1)
+        labels[r, pos + 1] = draws.to(labels.device)
+    return labels
+
+
+def token_losses(model: nn.Module, batch: Batch, fisher: str = "empirical", seed: int = 0) -> Tensor:
+    """Per-item summed next-token losses ``(B,)``; ``fisher='sampled'`` draws the labels from the model."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    logits = out.logits
+    labels = batch.labels if fisher == "empirical" else sample_labels(logits, batch, seed)
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return (ce * (targets != IGNORE)).sum(1)
+
+
+def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss_fn: Callable[[Batch], Tensor],
+             desc: str, start: int = 0, after_batch: Optional[Callable[[int, Batch, Tensor], None]] = None,
+             progress: bool = True) -> None:
+    """Forward + backward every batch with hooks that hand ``(layer, a, g)`` to ``callback``."""
+    device = next(model.parameters()).device
+    with ekfac.hooks(model, modules, callback) as h:
+        for i in tqdm(range(start, len(batches)), desc=desc, initial=start, total=len(batches), disable=not progress):
+            b = batches[i].to(device)
+            h.set_mask(b.attention_mask)
+            losses = loss_fn(b)
+            losses.sum().backward()
+            if after_batch is not None:
+                after_batch(i, b, losses.detach())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fitting the factors over documents
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitState:
+    """Where a fit stands, so that a killed fit resumes; see :func:`fit_factors`."""
+
+    stage: str = "covariance"  # covariance → lambda → done
+    next_batch: int = 0
+
+
+def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequence[Batch], fisher: str = "sampled",
+                seed: int = 0, factors: Optional[Dict[str, ekfac.LayerFactors]] = None,
+                state: Optional[FitState] = None, checkpoint: Optional[Callable] = None,
+                checkpoint_every: int = 0, progress: bool = True) -> Dict[str, ekfac.LayerFactors]:
+    """Covariances → eigendecomposition → corrected eigenvalues over ``batches`` of documents.
+
+    ``checkpoint(state, factors)`` is called every ``checkpoint_every`` batches and at the end of each stage;
+    passing back the saved ``factors`` and ``state`` resumes where it stopped.
+    """
+    if fisher not in ("sampled", "empirical"):
+        raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
+    factors = factors if factors is not None else ekfac.new_factors(modules)
+    state = state or FitState()
+    loss_fn = lambda b: token_losses(model, b, fisher, seed)  # noqa: E731
+
+    def counting(kind):
+        def after(i, b, _losses):
+            for f in factors.values():
+                if kind == "covariance":
+                    f.n_tokens += int(b.attention_mask.sum())
+                else:
+                    f.n_sequences += b.input_ids.shape[0]
+            if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < len(batches):
+                checkpoint(FitState(state.stage, i + 1), factors)
+        return after
+
+    if state.stage == "covariance":
+        run_pass(model, modules, batches, ekfac.accumulate_covariances(factors), loss_fn, "EK-FAC covariances",
+                 start=state.next_batch, after_batch=counting("covariance"), progress=progress)
+        ekfac.eigendecompose(factors)
+        state = FitState("lambda", 0)
+        if checkpoint is not None:
+            checkpoint(state, factors)
+    if state.stage == "lambda":
+        run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn, "EK-FAC eigenvalue correction",
+                 start=state.next_batch, after_batch=counting("lambda"), progress=progress)
+        ekfac.finalise_lambda(factors)
+        state = FitState("done", 0)
+        if checkpoint is not None:
+            checkpoint(state, factors)
+    return factors
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Query gradients
+# --------------------------------------------------------------------------------------------------------------
+
+
+def per_item_gradients(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequence[Batch], n_items: int,
+                       fisher: str = "empirical", desc: str = "query gradients", progress: bool = True):
+    """Per-item weight gradients ``G = Σ_t g_t a_tᵀ`` per layer ``(N, d_out, d_in)`` and per-item losses ``(N,)``."""
+    grads: Dict[str, Tensor] = {}
+    losses = torch.zeros(n_items, dtype=torch.float64)
+    current: List[Tensor] = []
+
+    def callback(name, a, g):
+        G = torch.bmm(g.transpose(1, 2), a)
+        if name not in grads:
+            grads[name] = torch.zeros((n_items,) + G.shape[1:], dtype=G.dtype, device=G.device)
+        grads[name][current[0]] = G
+
+    def after(i, b, l):
+        losses[b.index.cpu()] = l.to(torch.float64).cpu()
+
+    def loss_fn(b):
+        current[:] = [b.index]
+        return token_losses(model, b, fisher)
+
+    run_pass(model, modules, batches, callback, loss_fn, desc, after_batch=after, progress=progress)
+    return grads, losses
+
+
+@dataclass
+class PreconditionedQueries:
+    """``P_q`` per layer: full ``(Q, d_out, d_in)`` or low rank ``L (Q, d_out, r)``, ``R (Q, r, d_in)``.
+
+    A layer is stored in full when the requested rank is at least its smaller dimension."""
+
+    full: Dict[str, Tensor] = field(default_factory=dict)
+    left: Dict[str, Tensor] = field(default_factory=dict)
+    right: Dict[str, Tensor] = field(default_factory=dict)
+    rank: Optional[int] = None  # None = full rank
+
+    @property
+    def n_queries(self) -> int:
+        return next(iter({**self.full, **self.left}.values())).shape[0]
+
+    def layer(self, name: str) -> Tensor:
+        """Dense ``P`` for a layer (rebuilt from the factors when low rank)."""
+        return self.full[name] if name in self.full else self.left[name] @ self.right[name]
+
+
+def precondition_queries(factors: Dict[str, ekfac.LayerFactors], grads: Dict[str, Tensor], damping: Damping = "heuristic",
+                         rank: Optional[int] = None, kfac: bool = False) -> PreconditionedQueries:
+    """``P_q = (F + λI)⁻¹ ∇L_q`` per layer; with ``rank=r`` keep the rank-``r`` truncated SVD of each ``P_q``
+    (Grosse et al. §3.2.2) so that many queries fit in memory."""
+    out = PreconditionedQueries(rank=rank)
+    for name, G in grads.items():
+        P = factors[name].precondition(G, damping, kfac=kfac)
+        if rank is None or rank >= min(P.shape[1:]):  # the rank does not bind: keep P exactly
+            out.full[name] = P
+            continue
+        U, s, Vh = torch.linalg.svd(P, full_matrices=False)
+        out.left[name] = U[:, :, :rank] * s[:, None, :rank]
+        out.right[name] = Vh[:, :rank, :]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring documents
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreOutput:
+    scores: Tensor  # (Q, D) raw influence
+    doc_grad_norm: Tensor  # (D,) ‖∇L_z‖₂ over the tracked weights
+    per_layer: Optional[Tensor] = None  # (Q, D, L)
+    per_token: Optional[List[Tensor]] = None  # D tensors (Q, T_d): token t's share g_tᵀ P a_t
+
+
+def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: PreconditionedQueries,
+                    batches: Sequence[Batch], n_docs: int, per_layer: bool = False, per_token: bool = False,
+                    start: int = 0, sink: Optional[Callable[[int, Batch, Tensor, Tensor], None]] = None,
+                    progress: bool = True) -> ScoreOutput:
+    """One pass over the documents scoring all queries; the training loss is the documents' own next-token loss.
+
+    ``sink(i, batch, scores(Q,B), norms(B))`` receives each batch's results (the pipeline writes them to a
+    memory-mapped file); otherwise results are gathered in memory and returned.
+    """
+    names = list(modules)
+    Q = pq.n_queries
+    keep = sink is None
+    scores = torch.zeros((Q, n_docs) if keep else (0,), dtype=torch.float64)
+    norms = torch.zeros(n_docs if keep else 0, dtype=torch.float64)
+    layer_scores = torch.zeros((Q, n_docs, len(names)), dtype=torch.float64) if per_layer else None
+    token_scores: Optional[List[Tensor]] = [None] * n_docs if per_token else None  # type: ignore
+    acc: Dict[str, Tensor] = {}
+    flat = {n: pq.full[n].reshape(Q, -1) for n in names if n in pq.full}
+
+    def callback(name, a, g):
+        B = a.shape[0]
+        G = torch.bmm(g.transpose(1, 2), a)  # (B, d_out, d_in) per-document gradient of this layer
+        acc.setdefault("norm2", torch.zeros(B, dtype=torch.float64, device=a.device))
+        acc["norm2"] += G.pow(2).sum((1, 2)).to(torch.float64)
+        if name in pq.full:
+            s = flat[name].to(G.dtype) @ G.reshape(B, -1).T  # (Q, B)
+        else:
+            L, R = pq.left[name].to(a.dtype), pq.right[name].to(a.dtype)
+            gl = torch.einsum("bto,qor->qbtr", g, L)
+            ar = torch.einsum("qri,bti->qbtr", R, a)
+            s = (gl * ar).sum((2, 3))
+        acc.setdefault("scores", torch.zeros((Q, B), dtype=torch.float64, device=a.device))
+        acc["scores"] += s.to(torch.float64)
+        if per_layer:
+            acc[f"layer:{name}"] = s.to(torch.float64)
+        if per_token:
+            P = pq.layer(name).to(a.dtype)
+            t = torch.einsum("bto,qoi,bti->qbt", g, P, a).to(torch.float64)
+            acc["tokens"] = t if "tokens" not in acc else acc["tokens"] + t
+
+    def after(i, b, _losses):
+        idx = b.index.cpu()
+        s, n = acc.pop("scores").cpu(), acc.pop("norm2").sqrt().cpu()
+        if keep:
+            scores[:, idx] = s
+            norms[idx] = n
+        else:
+            sink(i, b, s, n)
+        if per_layer:
+            for j, name in enumerate(names):
+                layer_scores[:, idx, j] = acc.pop(f"layer:{name}").cpu()
+        if per_token:
+            t = acc.pop("tokens").cpu()
+            for r, d in enumerate(idx.tolist()):
+                token_scores[d] = t[:, r, : int(b.attention_mask[r].sum())]
+        acc.clear()
+
+    run_pass(model, modules, batches, callback, lambda b: token_losses(model, b, "empirical"), "scoring documents",
+             start=start, after_batch=after, progress=progress)
+    return ScoreOutput(scores, norms, layer_scores, token_scores)
+
+
+def influence(model, modules, factors, query_batches, n_queries, doc_batches, n_docs, damping: Damping = "heuristic",
+              rank: Optional[int] = None, progress: bool = False, **kw):
+    """Convenience: query gradients → preconditioning → scores, all in memory. Returns ``(ScoreOutput, nats)``."""
+    grads, nats = per_item_gradients(model, modules, query_batches, n_queries, progress=progress)
+    pq = precondition_queries(factors, grads, damping, rank)
+    return score_documents(model, modules, pq, doc_batches, n_docs, progress=progress, **kw), nats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalisations
+# --------------------------------------------------------------------------------------------------------------
+
+KINDS = ("raw", "per_nat", "normalized")
+
+
+def normalise(scores: np.ndarray, kind: str, nats: Optional[np.ndarray] = None,
+              doc_grad_norm: Optional[np.ndarray] = None) -> np.ndarray:
+    """``raw``; ``per_nat`` = score / completion nats (per query row); ``normalized`` = score / ‖∇L_z‖₂ (per column)."""
+    if kind == "raw":
+        return scores
+    if kind == "per_nat":
+        return scores / np.asarray(nats)[:, None]
+    if kind == "normalized":
+        return scores / np.maximum(np.asarray(doc_grad_norm), np.finfo(np.float64).tiny)[None, :]
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
