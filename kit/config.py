@@ -1,0 +1,112 @@
+"""Typed configurations for fitting and scoring, with the help text the CLI shows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Union
+
+from .corpus import InputError
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class FitConfig:
+    """How EK-FAC factors are fitted on a corpus (``python -m kit fit``)."""
+
+    model: str = _help("local Hugging Face model directory, a .gguf file, or a hub id", default="")
+    corpus: str = _help("jsonl or parquet with columns id, text, source", default="")
+    modules: Optional[List[str]] = _help(
+        "linear layers to track: full names or suffixes (e.g. down_proj); default every MLP linear layer", default=None)
+    fisher: str = _help("'sampled': labels drawn from the model (true Fisher); 'empirical': the document's own tokens",
+                        default="sampled")
+    damping: Union[str, float] = _help("'heuristic' = 0.1 × mean corrected eigenvalue per layer, or a fixed value",
+                                       default="heuristic")
+    max_tokens: Optional[int] = _help("tokens per document (the context); default min(512, model context)", default=None)
+    long_docs: str = _help("documents longer than max_tokens: 'chunk' into pieces or 'truncate'", default="chunk")
+    batch_size: int = _help("documents per forward/backward pass", default=8)
+    seed: int = _help("seed for the labels sampled for the true Fisher", default=0)
+    dtype: str = _help("compute dtype of the model: float32, float64 or bfloat16", default="float32")
+    device: str = _help("'auto' (cuda if available), 'cpu' or 'cuda'", default="auto")
+    checkpoint_every: int = _help("save partial factors every N batches so a killed fit resumes", default=50)
+
+    def validate(self) -> "FitConfig":
+        if self.fisher not in ("sampled", "empirical"):
+            raise InputError(f"--fisher must be 'sampled' or 'empirical', got {self.fisher!r}")
+        self.damping = parse_damping(self.damping)
+        if self.long_docs not in ("chunk", "truncate"):
+            raise InputError(f"--long-docs must be 'chunk' or 'truncate', got {self.long_docs!r}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise InputError(f"--max-tokens must be at least 2, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        return self
+
+
+@dataclass
+class ScoreConfig:
+    """How queries are scored against the fitted documents (``python -m kit score``)."""
+
+    queries: str = _help("jsonl with id, prompt, completion (task optional)", default="")
+    query_rank: Union[str, int] = _help("'full', or the rank r of each preconditioned query gradient's SVD", default="full")
+    batch_size: int = _help("documents per forward/backward pass (default: the fit's)", default=0)
+    query_batch_size: int = _help("queries per pass when computing query gradients", default=8)
+    memory_budget_gb: float = _help("refuse full-rank queries whose preconditioned gradients exceed this", default=8.0)
+
+    def validate(self) -> "ScoreConfig":
+        self.query_rank = parse_rank(self.query_rank)
+        return self
+
+    @property
+    def rank(self) -> Optional[int]:
+        return None if self.query_rank == "full" else int(self.query_rank)
+
+
+DTYPES = {"float32", "float64", "bfloat16", "float16"}
+
+
+def parse_damping(value: Union[str, float]) -> Union[str, float]:
+    if value == "heuristic":
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--damping must be 'heuristic' or a non-negative number, got {value!r}") from None
+    if not v >= 0:
+        raise InputError(f"--damping must be 'heuristic' or a non-negative number, got {value!r}")
+    return v
+
+
+def parse_rank(value: Union[str, int]) -> Union[str, int]:
+    if value in ("full", None):
+        return "full"
+    try:
+        r = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--query-rank must be 'full' or a positive integer, got {value!r}") from None
+    if r < 1:
+        raise InputError(f"--query-rank must be 'full' or a positive integer, got {value!r}")
+    return r
+
+
+def config_hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return asdict(cfg)
+
+
+def from_dict(cls, d: Dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def help_of(cls, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
