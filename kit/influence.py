@@ -70,10 +70,36 @@ def token_losses(model: nn.Module, batch: Batch, fisher: str = "empirical", seed
     """Per-item summed next-token losses ``(B,)``; ``fisher='sampled'`` draws the labels from the model."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     logits = out.logits
-    labels = batch.labels if fisher == "empirical" else sample_labels(logits, batch, seed)
+    if fisher != "empirical":
+        if not torch.isfinite(logits).all():  # labels cannot be drawn from NaN/inf; say where it started
+            raise ekfac.FactorError(_nonfinite_message(model, batch))
+        labels = sample_labels(logits, batch, seed)
+    else:
+        labels = batch.labels
     targets = labels[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
     return (ce * (targets != IGNORE)).sum(1)
+
+
+def _nonfinite_message(model: nn.Module, batch: Batch) -> str:
+    """Name the first linear layer whose output is NaN/inf on this batch."""
+    first: List[str] = []
+
+    def hook(name):
+        def fn(mod, inp, out):
+            if not first and isinstance(out, Tensor) and not torch.isfinite(out).all():
+                first.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               or ekfac.is_conv1d(m)]
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for h in handles:
+        h.remove()
+    where = f"layer {first[0]}" if first else "the model"
+    return (f"{where}: produces NaN or inf outputs on documents {batch.index.tolist()[:5]}; the model's weights or "
+            "dtype are broken (check for overflow in float16/bfloat16)")
 
 
 def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss_fn: Callable[[Batch], Tensor],

@@ -1,0 +1,145 @@
+"""The CLI and run-directory contract: fit, score, load_scores, caching, resuming, detailed scores."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import kit
+from kit import FitConfig, ScoreConfig, influence
+from kit.cli import main
+
+
+@pytest.fixture(scope="module")
+def fitted(smoke_world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    assert main(["fit", "--model", smoke_world["model"], "--corpus", smoke_world["corpus"], "--out", str(run),
+                 "--fisher", "empirical", "--batch-size", "16"]) == 0
+    assert main(["score", "--run", str(run), "--queries", smoke_world["queries"]]) == 0
+    return run
+
+
+def test_run_directory_layout(fitted):
+    for name in ("config.json", "documents.parquet", "queries.parquet"):
+        assert (fitted / name).exists()
+    conf = json.loads((fitted / "config.json").read_text())
+    fdir = fitted / "factors" / conf["factor_key"]
+    assert {p.name for p in fdir.glob("*.safetensors")} == {"eigen.safetensors", "lambda.safetensors"}
+    sdir = fitted / "scores" / conf["latest_scores"]
+    raw = np.load(sdir / "raw.npy", mmap_mode="r")
+    assert isinstance(raw, np.memmap) and raw.shape == (6, 160)
+    q = pd.read_parquet(fitted / "queries.parquet")
+    assert {"id", "prompt", "completion", "task", "nats"} <= set(q.columns) and (q["nats"] > 0).all()
+
+
+def test_load_scores_kinds(fitted):
+    raw = kit.load_scores(fitted)
+    docs = pd.read_parquet(fitted / "documents.parquet")
+    queries = pd.read_parquet(fitted / "queries.parquet")
+    assert list(raw.index) == list(queries["id"]) and list(raw.columns) == list(docs["id"])
+    per_nat = kit.load_scores(fitted, "per_nat")
+    np.testing.assert_allclose(per_nat.to_numpy(), raw.to_numpy() / queries["nats"].to_numpy()[:, None], rtol=1e-6)
+    normed = kit.load_scores(fitted, "normalized")
+    ratio = raw.to_numpy() / normed.to_numpy()
+    np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:1], ratio.shape), rtol=1e-5)  # one constant per document
+    with pytest.raises(ValueError, match="kind must be one of"):
+        kit.load_scores(fitted, "cosine")
+
+
+def test_scores_rank_documents_of_the_query_kind_first(fitted):
+    """Planted structure: each smoke query has one source whose documents carry its procedure or fact."""
+    raw = kit.load_scores(fitted)
+    source = pd.read_parquet(fitted / "documents.parquet").set_index("id")["source"]
+    expect = {"fact": {"wiki"}, "arith": {"math_and_trivia"}, "slope": {"stackexchange", "code"}}  # code computes slopes
+    for q in raw.index:
+        top = source[raw.loc[q].nlargest(10).index]
+        assert top.isin(expect[q.split("_")[0]]).mean() >= 0.8, (q, top.tolist())
+
+
+def test_refit_and_rescore_reuse_the_cache(fitted, smoke_world, capsys):
+    main(["fit", "--model", smoke_world["model"], "--corpus", smoke_world["corpus"], "--out", str(fitted),
+          "--fisher", "empirical", "--batch-size", "4"])  # batch size does not change the factors' key
+    main(["score", "--run", str(fitted), "--queries", smoke_world["queries"]])
+    out = capsys.readouterr().out
+    assert "already fitted; reusing them" in out and "already computed; reusing them" in out
+
+
+def _interrupt_after(monkeypatch, n_calls):
+    real, calls = influence.token_losses, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == n_calls:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(influence, "token_losses", flaky)
+
+
+@pytest.mark.parametrize("kill_at", [4, 13])  # during the covariance pass, during the eigenvalue correction
+def test_killed_fit_resumes_to_the_same_factors(smoke_world, tmp_path, monkeypatch, kill_at):
+    cfg = dict(model=smoke_world["model"], corpus=smoke_world["corpus"], batch_size=16, checkpoint_every=2,
+               dtype="float64")
+    kit.fit(FitConfig(**cfg), tmp_path / "clean", quiet=True)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, kill_at)
+        with pytest.raises(KeyboardInterrupt):
+            kit.fit(FitConfig(**cfg), tmp_path / "killed", quiet=True)
+    state = json.loads(next((tmp_path / "killed" / "factors").glob("*/state.json")).read_text())
+    assert state["stage"] == ("covariance" if kill_at < 10 else "lambda") and state["next_batch"] > 0
+    kit.fit(FitConfig(**cfg), tmp_path / "killed", quiet=True)
+    from kit.models import load_model, tracked_modules
+    names = [n for n in tracked_modules(load_model(smoke_world["model"])[0])]
+    a = kit.load_factors(tmp_path / "clean", names)
+    b = kit.load_factors(tmp_path / "killed", names)
+    for n in names:
+        torch.testing.assert_close(a[n].Lambda, b[n].Lambda, rtol=1e-9, atol=0)
+        torch.testing.assert_close(a[n].Q_A, b[n].Q_A, rtol=1e-9, atol=1e-12)
+
+
+def test_killed_scoring_resumes_to_the_same_scores(fitted, smoke_world, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run, ignore=shutil.ignore_patterns("scores"))
+    cfg = ScoreConfig(queries=smoke_world["queries"], batch_size=8)  # 20 batches: progress is saved every 10
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1 + 15)  # 1 query batch + 15 document batches
+        with pytest.raises(KeyboardInterrupt):
+            kit.score(run, cfg, quiet=True)
+    prog = json.loads(next((run / "scores").glob("*/progress.json")).read_text())
+    assert prog == {"next_batch": 10, "complete": False}
+    kit.score(run, cfg, quiet=True)
+    np.testing.assert_allclose(kit.load_scores(run).to_numpy(), kit.load_scores(fitted).to_numpy(), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(kit.load_scores(fitted).to_numpy()).max()))
+
+
+def test_detailed_scores_add_up(fitted):
+    raw = kit.load_scores(fitted)
+    docs = list(raw.columns[:3])
+    det = kit.detailed_scores(fitted, ["arith_0", "fact_1"], docs)
+    np.testing.assert_allclose(det["scores"].to_numpy(), raw.loc[["arith_0", "fact_1"], docs].to_numpy(), rtol=1e-4)
+    layer_sum = det["per_layer"].groupby(["query", "document"], sort=False)["score"].sum()
+    for (q, d), v in layer_sum.items():
+        assert v == pytest.approx(det["scores"].loc[q, d], rel=1e-5)
+        tokens = det["per_token"][(q, d)]
+        assert tokens["score"].sum() == pytest.approx(det["scores"].loc[q, d], rel=1e-4, abs=1e-6)
+        assert len(tokens) == pd.read_parquet(fitted / "documents.parquet").set_index("id").loc[d, "n_tokens"]
+    assert det["per_layer"]["layer"].nunique() == 6
+
+
+def test_low_rank_scores_and_full_rank_rescoring(fitted, smoke_world, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run, ignore=shutil.ignore_patterns("scores"))
+    assert main(["score", "--run", str(run), "--queries", smoke_world["queries"], "--query-rank", "4"]) == 0
+    low, full = kit.load_scores(run), kit.load_scores(fitted)
+    assert not np.allclose(low.to_numpy(), full.to_numpy(), rtol=1e-3)
+    top = kit.rescore_top(run, k=5)
+    assert len(top) == 6 * 5
+    expected = [full.loc[q, d] for q, d in zip(top["query"], top["document"])]
+    np.testing.assert_allclose(top["score_full"], expected, rtol=1e-4, atol=1e-6)
