@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("smoke", help="build a tiny world (corpus, tokenizer, tiny Llama) and fit + score it")
     m.add_argument("--out", default="data/smoke", help="where the tiny world and its run go")
     m.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gpt_neox"])
+    g = sub.add_parser("figures", help="build a preset's world, fit + score, execute the notebooks -> figures/")
+    g.add_argument("--preset", default="smoke", help="smoke (tiny world built by the kit)")
+    g.add_argument("--data-dir", default="data")
+    g.add_argument("--figures-dir", default="figures")
     return p
 
 
@@ -82,6 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             run = f"{args.out}/run-{args.arch}"
             fit(FitConfig(model=w["model"], corpus=w["corpus"], batch_size=16), run)
             print(f"scores: {score(run, ScoreConfig(queries=w['queries']))}")
+        elif args.cmd == "figures":
+            from .figures import main as figures_main
+
+            return figures_main(args.preset, args.data_dir, args.figures_dir)
     except (InputError, ModelError, FactorError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
