@@ -306,8 +306,12 @@ def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
         Q_S, Q_A = f.Q_S.to(a.dtype), f.Q_A.to(a.dtype)
-        # rotate per token, then sum the outer products over tokens: (B, d_out, d_in) in the eigenbasis
-        rotated = torch.bmm((g @ Q_S).transpose(1, 2), a @ Q_A)
+        B, T = a.shape[:2]
+        if T * (f.d_out + f.d_in) <= f.d_out * f.d_in:
+            # rotate per token, then sum the outer products over tokens: (B, d_out, d_in) in the eigenbasis
+            rotated = torch.bmm((g @ Q_S).transpose(1, 2), a @ Q_A)
+        else:  # long sequences: form G_n first, then rotate it (fewer flops when T > d_out·d_in/(d_out+d_in))
+            rotated = Q_S.T @ torch.bmm(g.transpose(1, 2), a) @ Q_A
         update = rotated.pow(2).sum(0).to(torch.float64)
         f.Lambda = update if f.Lambda is None else f.Lambda + update
 
