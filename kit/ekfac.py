@@ -273,13 +273,15 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def eigendecompose(factors: Dict[str, LayerFactors]) -> None:
+def eigendecompose(factors: Dict[str, LayerFactors], progress: bool = False) -> None:
     """Normalise the summed covariances to means and eigendecompose them in float64.
 
     A non-finite covariance (NaN/inf activations or gradients, e.g. from an overflowing fp16 model) is
     reported with the layer's name instead of failing inside ``eigh``.
     """
-    for f in factors.values():
+    from tqdm.auto import tqdm
+
+    for f in tqdm(list(factors.values()), desc="EK-FAC eigendecomposition", disable=not progress):
         if f.A is None or f.n_tokens == 0:
             raise FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
         for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):

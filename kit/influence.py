@@ -159,7 +159,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
     if state.stage == "covariance":
         run_pass(model, modules, batches, ekfac.accumulate_covariances(factors), loss_fn, "EK-FAC covariances",
                  start=state.next_batch, after_batch=counting("covariance"), progress=progress)
-        ekfac.eigendecompose(factors)
+        ekfac.eigendecompose(factors, progress=progress)
         state = FitState("lambda", 0)
         if checkpoint is not None:
             checkpoint(state, factors)
