@@ -43,7 +43,7 @@ The influence of a training document ``z`` on a query ``q`` is then the sum over
 
 Layers: ``nn.Linear`` stores ``W`` as ``(d_out, d_in)``; Hugging Face GPT-2's ``Conv1D`` stores it transposed
 ``(d_in, d_out)``. Hooks see both as ``s = W a (+ b)`` with the same ``a`` and ``g``; everything in this module
-uses the ``(d_out, d_in)`` convention, and :func:`weight_gradient_layout` converts back for comparisons.
+uses the ``(d_out, d_in)`` convention.
 """
 
 from __future__ import annotations
@@ -90,13 +90,6 @@ def layer_shape(module: nn.Module) -> tuple[int, int, bool]:
         d_in, d_out = module.weight.shape
         return d_out, d_in, module.bias is not None
     raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or GPT-2 Conv1D)")
-
-
-def weight_gradient_layout(module: nn.Module, grad_out_in: Tensor) -> Tensor:
-    """Convert a ``(d_out, d_in[+1])`` gradient to the layout of ``module.weight`` (drops the bias column)."""
-    d_out, d_in, _ = layer_shape(module)
-    g = grad_out_in[..., :d_out, :d_in]
-    return g.transpose(-1, -2) if is_conv1d(module) else g
 
 
 class TokenHooks:
@@ -352,7 +345,3 @@ def hooks(model: nn.Module, modules: Dict[str, nn.Module], callback) -> Iterator
 
 def total_parameters(factors: Dict[str, LayerFactors]) -> int:
     return sum(f.d_out * f.d_in for f in factors.values())
-
-
-def layer_names(factors: Dict[str, LayerFactors]) -> List[str]:
-    return list(factors)
