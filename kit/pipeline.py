@@ -94,11 +94,11 @@ def fit(cfg: FitConfig, out: Union[str, Path], quiet: bool = False) -> Path:
     _write_json(out / "config.json", {**_read_config(out), "fit": to_dict(cfg), "factor_key": run.factor_key,
                                        "max_tokens": run.max_tokens, "documents_note": run.docs.note,
                                        "modules": list(run.modules)})
-    factors = load_factors(out, run.modules, run.factor_key, allow_partial=True)
     state = _read_state(fdir)
     if state.stage == "done":
         _say(f"factors {run.factor_key} already fitted; reusing them", quiet)
         return out
+    factors = load_factors(out, run.modules, run.factor_key, allow_partial=True)
     if state.stage != "covariance" or state.next_batch:
         _say(f"resuming the fit at stage '{state.stage}', batch {state.next_batch}", quiet)
 
@@ -370,15 +370,13 @@ def rescore_top(run_dir: Union[str, Path], k: int = 100, kind: str = "raw", run:
     run_dir = Path(run_dir)
     run = run or open_run(run_dir, quiet)
     sdir = scores_dir(run_dir)
-    table = load_scores(run_dir, kind)
-    raw = load_scores(run_dir, "raw")
-    rows = []
-    for q in table.index:
-        top = table.loc[q].nlargest(k).index.tolist()
-        det = detailed_scores(run_dir, [q], top, per_token=False, run=run)["scores"]
-        for r, d in enumerate(top):
-            rows.append({"query": q, "document": d, "rank": r + 1, "score_lowrank": float(raw.loc[q, d]),
-                         "score_full": float(det.loc[q, d])})
+    ranking = load_scores(run_dir, kind)
+    raw = ranking if kind == "raw" else load_scores(run_dir, "raw")
+    top = {q: ranking.loc[q].nlargest(k).index.tolist() for q in ranking.index}
+    union = list(dict.fromkeys(d for docs in top.values() for d in docs))
+    full = detailed_scores(run_dir, list(ranking.index), union, per_token=False, run=run, quiet=quiet)["scores"]
+    rows = [{"query": q, "document": d, "rank": r + 1, "score_lowrank": float(raw.loc[q, d]),
+             "score_full": float(full.loc[q, d])} for q, docs in top.items() for r, d in enumerate(docs)]
     out = pd.DataFrame(rows)
     out.to_parquet(sdir / f"rescored_top{k}.parquet")
     return out
