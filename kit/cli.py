@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from dataclasses import fields
 from typing import List, Optional
 
@@ -48,6 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("smoke", help="build a tiny world (corpus, tokenizer, tiny Llama) and fit + score it")
     m.add_argument("--out", default="data/smoke", help="where the tiny world and its run go")
     m.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gpt_neox"])
+    b = sub.add_parser("build-corpus", help="build the lab's labelled pretraining corpus (offline, deterministic)")
+    b.add_argument("--preset", default="lab", help="lab (20,000 documents) or smoke (800)")
+    b.add_argument("--out", default="data/lab", help="directory for corpus.parquet/.jsonl, heldout.json, corpus.json")
+    b.add_argument("--n-docs", type=int, default=None, help="override the preset's number of documents")
+    b.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+
+    t = sub.add_parser("pretrain", help="pretrain the lab models (small, large) on a built corpus")
+    t.add_argument("--world", default="data/lab", help="directory made by build-corpus; models go to WORLD/models/SIZE")
+    t.add_argument("--sizes", nargs="+", default=["small", "large"], help="model sizes to train (small, large, tiny)")
+    t.add_argument("--no-eval", action="store_true", help="skip answering and grading the query sets afterwards")
+
+    qa = sub.add_parser("queries", help="answer a query set greedily with a model and grade it -> jsonl")
+    qa.add_argument("--model", required=True, help="model directory, .gguf file or hub id")
+    qa.add_argument("--world", default=None, help="a lab world: its query templates, facts and held-out instances")
+    qa.add_argument("--queries", default=None, help="or a jsonl with id, prompt (task, answer optional)")
+    qa.add_argument("--tasks", nargs="+", default=["arithmetic", "slope", "linear"], help="reasoning tasks (with --world)")
+    qa.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template (instruct models)")
+    qa.add_argument("--factual", type=int, default=40)
+    qa.add_argument("--reasoning", type=int, default=20)
+    qa.add_argument("--controls", type=int, default=10)
+    qa.add_argument("--max-new-tokens", type=int, default=128)
+    qa.add_argument("--out", required=True, help="jsonl written with completion, nats, extracted, correct")
+
+    gr = sub.add_parser("grade", help="grade completions: prints the input fields + answer, extracted, correct")
+    gr.add_argument("file", help="jsonl with id, prompt, completion (task, answer optional)")
+
     g = sub.add_parser("figures", help="build a preset's world, fit + score, execute the notebooks -> figures/")
     g.add_argument("--preset", default="smoke", help="smoke (tiny world built by the kit)")
     g.add_argument("--data-dir", default="data")
@@ -86,6 +113,59 @@ def main(argv: Optional[List[str]] = None) -> int:
             run = f"{args.out}/run-{args.arch}"
             fit(FitConfig(model=w["model"], corpus=w["corpus"], batch_size=16), run)
             print(f"scores: {score(run, ScoreConfig(queries=w['queries']))}")
+        elif args.cmd == "build-corpus":
+            from dataclasses import replace
+
+            from .lab.corpus import PRESETS, write_corpus
+
+            if args.preset not in PRESETS:
+                raise InputError(f"unknown corpus preset {args.preset!r}; choose from {sorted(PRESETS)}")
+            cfg = PRESETS[args.preset]
+            cfg = replace(cfg, **{k: v for k, v in (("n_docs", args.n_docs), ("seed", args.seed)) if v is not None})
+            paths = write_corpus(args.out, cfg)
+            import json as _json
+
+            summary = _json.loads((Path(args.out) / "corpus.json").read_text())
+            print(f"corpus: {paths['corpus']} ({summary['n_docs']} documents)")
+            print("sources: " + ", ".join(f"{k} {v}" for k, v in summary["sources"].items()))
+        elif args.cmd == "pretrain":
+            from .lab import answer_model_queries, pretrain_models
+
+            done = pretrain_models(args.world, args.sizes)
+            for size, info in done.items():
+                print(f"{size}: {info['parameters']:,} parameters, {info['steps']} steps, {info['seconds']} s, "
+                      f"loss {info['loss_first']:.2f} -> {info['loss_last']:.2f}")
+                if not args.no_eval:
+                    acc = answer_model_queries(args.world, size)["accuracy"]
+                    print(f"{size} accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+        elif args.cmd == "queries":
+            from .models import load_model
+            from .queries import QueryCounts, accuracy, answer_queries, lab_queries
+
+            if (args.world is None) == (args.queries is None):
+                raise InputError("pass exactly one of --world (a lab world's query set) or --queries (a jsonl)")
+            if args.world:
+                q = lab_queries(args.world, args.tasks, QueryCounts(args.factual, args.reasoning, args.controls,
+                                                                    args.controls))
+            else:
+                from .corpus import read_table
+
+                q = read_table(args.queries, "queries")
+                if "prompt" not in q.columns or len(q) == 0:
+                    raise InputError(f"queries {args.queries} need rows with at least id and prompt")
+                if "task" not in q.columns:
+                    from .queries import infer_task
+
+                    q["task"] = [infer_task(p) for p in q["prompt"]]
+            model, tok = load_model(args.model)
+            answered = answer_queries(model, tok, q, chat=args.chat, max_new_tokens=args.max_new_tokens)
+            answered.to_json(args.out, orient="records", lines=True, force_ascii=False)
+            print(f"completions: {args.out}")
+            print("accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy(answered).items()))
+        elif args.cmd == "grade":
+            from .queries import grade_file
+
+            grade_file(args.file)
         elif args.cmd == "figures":
             from .figures import main as figures_main
 

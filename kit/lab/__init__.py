@@ -1,0 +1,77 @@
+"""The offline world: a labelled pretraining corpus, lab models pretrained on it, and their query sets.
+
+``build_world(out)`` runs the three stages, each cached by configuration under ``out``::
+
+    out/corpus.parquet, corpus.jsonl, corpus.json (summary), heldout.json    python -m kit build-corpus
+    out/tokenizer/, out/models/{small,large}/ (HF model directories)         python -m kit pretrain
+    out/queries-{small,large}.jsonl (greedy completions, nats, grades)      python -m kit queries
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, Sequence
+
+from .corpus import PRESETS, CorpusConfig, write_corpus
+from .pretrain import SIZES, PretrainConfig, pretrain
+
+__all__ = ["PRESETS", "CorpusConfig", "write_corpus", "SIZES", "PretrainConfig", "pretrain", "pretrain_models",
+           "answer_model_queries", "build_world"]
+
+
+def pretrain_models(world, sizes: Sequence[str] = ("small", "large"), progress: bool = True) -> Dict[str, dict]:
+    """Pretrain each size on ``world/corpus.parquet`` into ``world/models/SIZE`` (one shared tokenizer)."""
+    world = Path(world)
+    corpus = world / "corpus.parquet"
+    if not corpus.exists():
+        from ..corpus import InputError
+
+        raise InputError(f"{corpus} does not exist; run `python -m kit build-corpus --out {world}` first")
+    out = {}
+    for size in sizes:
+        if size not in SIZES:
+            from ..corpus import InputError
+
+            raise InputError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+        out[size] = pretrain(corpus, world / "models" / size, size, tokenizer_dir=world / "tokenizer",
+                             progress=progress)
+    return out
+
+
+def answer_model_queries(world, size: str, model_dir=None, counts=None, seed: int = 0, progress: bool = True):
+    """The size's query set (paper's tasks per size) answered greedily by the model -> ``queries-SIZE.jsonl``."""
+    from ..models import load_model
+    from ..queries import MODEL_TASKS, QueryCounts, accuracy, answer_queries, lab_queries
+
+    world = Path(world)
+    model_dir = Path(model_dir) if model_dir else world / "models" / size
+    counts = counts or QueryCounts()
+    path = world / f"queries-{size}.jsonl"
+    meta = world / f"queries-{size}.json"
+    spec = {"model": str(model_dir.resolve()), "counts": counts.__dict__, "seed": seed,
+            "trained": json.loads((model_dir / "pretrain.json").read_text()).get("loss_last")
+            if (model_dir / "pretrain.json").exists() else None, "version": 1}
+    if path.exists() and meta.exists() and json.loads(meta.read_text()).get("spec") == spec:
+        return json.loads(meta.read_text())
+    model, tok = load_model(str(model_dir))
+    q = lab_queries(world, MODEL_TASKS.get(size, ("arithmetic", "slope", "linear")), counts, seed)
+    answered = answer_queries(model, tok, q, progress=progress)
+    answered.to_json(path, orient="records", lines=True, force_ascii=False)
+    info = {"spec": spec, "queries": str(path), "accuracy": accuracy(answered)}
+    meta.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def build_world(out, preset: str = "lab", sizes: Sequence[str] = ("small", "large"), progress: bool = True) -> dict:
+    """Corpus, models and answered query sets under ``out``; returns a summary with timings and accuracies."""
+    out = Path(out)
+    t = time.time()
+    write_corpus(out, PRESETS[preset], progress=progress)
+    t_corpus = time.time() - t
+    trained = pretrain_models(out, sizes, progress=progress)
+    answered = {s: answer_model_queries(out, s, progress=progress) for s in sizes}
+    return {"corpus_seconds": round(t_corpus, 1),
+            "pretrain_seconds": {s: trained[s]["seconds"] for s in sizes},
+            "accuracy": {s: answered[s]["accuracy"] for s in sizes}}
