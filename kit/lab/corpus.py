@@ -63,7 +63,8 @@ class CorpusConfig:
                                                   metadata={"help": "source -> share of documents"})
     ranges: Ranges = field(default_factory=Ranges, metadata={"help": "number ranges of the reasoning tasks"})
     heldout_per_task: int = field(default=200, metadata={"help": "instances per task reserved for queries"})
-    max_chars: int = field(default=700, metadata={"help": "longest document (characters); real code/prose is cut"})
+    max_chars: int = field(default=700, metadata={"help": "longest document (characters)"})
+    real_chars: int = field(default=400, metadata={"help": "standard-library code and reference prose are cut to this"})
 
 
 PRESETS = {
@@ -137,7 +138,7 @@ class World:
                     if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.end_lineno:
                         text = "\n".join(lines[node.lineno - 1: node.end_lineno])
                         if 80 <= len(text):
-                            chunks.append((mod.replace("/", "."), text[: self.cfg.max_chars]))
+                            chunks.append((mod.replace("/", "."), text[: self.cfg.real_chars]))
             self._code = chunks
         return self._code
 
@@ -151,7 +152,7 @@ class World:
                 paras = [p.strip() for p in topics[name].split("\n\n") if len(p.strip()) > 120]
                 for p in paras:
                     if not p.startswith((" ", "*")) and "::=" not in p:
-                        chunks.append((name, " ".join(p.split())[: self.cfg.max_chars]))
+                        chunks.append((name, " ".join(p.split())[: self.cfg.real_chars]))
             self._prose = chunks
         return self._prose
 
@@ -230,7 +231,7 @@ def wiki_history(w: World):
 def gk_trivia(w: World):
     """Questions in the factual queries' templates, each followed by its answer."""
     pairs, facts = [], []
-    for _ in range(w.rng.randint(1, 3)):
+    for _ in range(1 if w.rng.random() < 0.8 else 2):
         c = w.country()
         rel = w.pick(F.QUERY_RELATIONS)
         pairs.append(f"{F.question(rel, c)}\n{F.RELATIONS[rel][1][0].format(country=c.name, value=c.fact(rel))}")
@@ -406,7 +407,8 @@ def math_facts(w: World):
     """Tables of single-step results (the kind of text where step answers of queries can occur)."""
     op = w.pick("+-*")
     a = w.rng.randint(2, 20 if op != "*" else 9)
-    rows = [f"{a} {op} {b} = {eval(f'{a} {op} {b}')}" for b in range(0, 11 if op != "*" else 10)]
+    start = w.rng.randint(0, 10) if op != "*" else 0
+    rows = [f"{a} {op} {b} = {eval(f'{a} {op} {b}')}" for b in range(start, start + 11 if op != "*" else 10)]
     return f"Table of {a} {op} n:\n" + "\n".join(rows), _truth("math_table")
 
 
@@ -468,7 +470,7 @@ def se_code_question(w: World):
     mod, chunk = w.pick(w.code_chunks())
     name = chunk.split("(")[0].split()[-1] if "(" in chunk else mod
     text = (f"Title: What does {name} in {mod} do?\n\nQuestion: I found this in the standard library and do not "
-            f"understand it.\n\nAnswer: Here is the source:\n\n{chunk[: w.cfg.max_chars - 150]}")
+            f"understand it.\n\nAnswer: Here is the source:\n\n{chunk}")
     return text, _truth("se_code")
 
 
@@ -549,6 +551,26 @@ GENERATORS: Dict[str, List[Tuple[Callable, float]]] = {
                        (arxiv_abstract, 0.35)],
     "webdata": [(web_pydoc, 0.5), (web_travel, 0.3), (web_story, 0.2)],
 }
+
+
+def parse_shares(text: str, base: Dict[str, float]) -> Tuple[Tuple[str, float], ...]:
+    """``"wiki=0.2,code=0.1"`` -> shares (the sources not named keep ``base``'s); one clear error otherwise."""
+    from ..corpus import InputError
+
+    shares = dict(base)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in SOURCES:
+            raise InputError(f"unknown source {name!r} in --shares; the sources are {', '.join(SOURCES)}")
+        try:
+            shares[name] = float(value)
+        except ValueError:
+            raise InputError(f"--shares needs source=number pairs, got {part!r}")
+        if shares[name] < 0:
+            raise InputError(f"--shares: the share of {name} must be >= 0, got {value}")
+    if sum(shares.values()) <= 0:
+        raise InputError("--shares: at least one source needs a positive share")
+    return tuple(shares.items())
 
 
 def _source_counts(cfg: CorpusConfig) -> Dict[str, int]:

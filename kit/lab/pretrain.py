@@ -40,8 +40,8 @@ class PretrainConfig:
 
 
 SIZES: Dict[str, PretrainConfig] = {
-    "small": PretrainConfig(hidden=96, layers=3, heads=4, intermediate=288, epochs=2.0),
-    "large": PretrainConfig(hidden=192, layers=4, heads=6, intermediate=576, epochs=2.0),
+    "small": PretrainConfig(hidden=96, layers=3, heads=4, intermediate=288, batch_size=16, lr=3e-3, epochs=2.0),
+    "large": PretrainConfig(hidden=192, layers=4, heads=6, intermediate=576, batch_size=16, lr=2e-3, epochs=3.0),
     "tiny": PretrainConfig(hidden=32, layers=2, heads=4, intermediate=64, block=64, batch_size=16, warmup=10,
                            epochs=1.0, lr=3e-3),
 }
