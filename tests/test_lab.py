@@ -157,3 +157,18 @@ def test_pretraining_smoke_run_lowers_the_loss_and_saves_a_loadable_model(tmp_pa
     # cached: same configuration, nothing retrained
     assert pretrain(tmp_path / "w" / "corpus.parquet", tmp_path / "m", "tiny", cfg, tokenizer_dir=tmp_path / "tok",
                     progress=False)["seconds"] == info["seconds"]
+
+
+def test_build_corpus_cli_and_bad_shares(tmp_path, capsys):
+    from kit.cli import main
+
+    assert main(["build-corpus", "--preset", "smoke", "--n-docs", "120", "--out", str(tmp_path),
+                 "--shares", "wiki=0.5"]) == 0
+    df = pd.read_parquet(tmp_path / "corpus.parquet")
+    assert len(df) == 120 and (df["source"] == "wiki").mean() > 0.3
+    assert "120 documents" in capsys.readouterr().out
+    assert main(["build-corpus", "--preset", "smoke", "--out", str(tmp_path), "--shares", "blogs=0.5"]) == 2
+    assert "unknown source 'blogs'" in capsys.readouterr().err
+    assert main(["build-corpus", "--preset", "huge", "--out", str(tmp_path)]) == 2
+    assert main(["pretrain", "--world", str(tmp_path / "nothing")]) == 2
+    assert "build-corpus" in capsys.readouterr().err

@@ -105,3 +105,21 @@ def test_grade_dataframe_adds_columns():
     df = pd.DataFrame({"prompt": [ARITH, SLOPE], "completion": ["The answer is 21.", "The slope is 2."]})
     g = grade(df)
     assert list(g["correct"]) == [True, False] and list(g["task"]) == ["arithmetic", "slope"]
+
+
+def test_grade_cli_and_its_errors(tmp_path, capsys):
+    from kit.cli import main
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "s", "prompt": SLOPE, "completion": "The slope is -43."}) + "\n")
+    assert main(["grade", str(path)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["correct"] is True and row["answer"] == -43 and row["task"] == "slope"
+    assert main(["grade", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    path.write_text(json.dumps({"id": "s", "prompt": SLOPE}) + "\n")
+    assert main(["grade", str(path)]) == 2
+    assert "completion" in capsys.readouterr().err
+    path.write_text(json.dumps({"id": "f", "prompt": "Who wrote Hamlet?", "completion": "Shakespeare"}) + "\n")
+    assert main(["grade", str(path)]) == 2
+    assert "add an 'answer' column" in capsys.readouterr().err

@@ -50,9 +50,10 @@ def answer_model_queries(world, size: str, model_dir=None, counts=None, seed: in
     counts = counts or QueryCounts()
     path = world / f"queries-{size}.jsonl"
     meta = world / f"queries-{size}.json"
+    trained = model_dir / "pretrain.json"
     spec = {"model": str(model_dir.resolve()), "counts": counts.__dict__, "seed": seed,
-            "trained": json.loads((model_dir / "pretrain.json").read_text()).get("loss_last")
-            if (model_dir / "pretrain.json").exists() else None, "version": 1}
+            "trained": json.loads(trained.read_text())["spec"] if trained.exists() else None,
+            "corpus": json.loads((world / "corpus.json").read_text())["spec"], "version": 1}
     if path.exists() and meta.exists() and json.loads(meta.read_text()).get("spec") == spec:
         return json.loads(meta.read_text())
     model, tok = load_model(str(model_dir))

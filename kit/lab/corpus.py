@@ -64,7 +64,7 @@ class CorpusConfig:
     ranges: Ranges = field(default_factory=Ranges, metadata={"help": "number ranges of the reasoning tasks"})
     heldout_per_task: int = field(default=200, metadata={"help": "instances per task reserved for queries"})
     max_chars: int = field(default=700, metadata={"help": "longest document (characters)"})
-    real_chars: int = field(default=400, metadata={"help": "standard-library code and reference prose are cut to this"})
+    real_chars: int = field(default=320, metadata={"help": "standard-library code and reference prose are cut to this"})
 
 
 PRESETS = {

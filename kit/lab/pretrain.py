@@ -10,6 +10,7 @@ tokenizer) that ``AutoModelForCausalLM.from_pretrained`` and ``python -m kit fit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -40,8 +41,8 @@ class PretrainConfig:
 
 
 SIZES: Dict[str, PretrainConfig] = {
-    "small": PretrainConfig(hidden=96, layers=3, heads=4, intermediate=288, batch_size=16, lr=3e-3, epochs=2.0),
-    "large": PretrainConfig(hidden=192, layers=4, heads=6, intermediate=576, batch_size=16, lr=2e-3, epochs=3.0),
+    "small": PretrainConfig(hidden=96, layers=3, heads=4, intermediate=288, batch_size=16, lr=3e-3, epochs=1.5),
+    "large": PretrainConfig(hidden=192, layers=4, heads=6, intermediate=576, batch_size=16, lr=2e-3, epochs=2.75),
     "tiny": PretrainConfig(hidden=32, layers=2, heads=4, intermediate=64, block=64, batch_size=16, warmup=10,
                            epochs=1.0, lr=3e-3),
 }
@@ -151,7 +152,8 @@ def pretrain(corpus_path, out, size: str = "large", cfg: Optional[PretrainConfig
     cfg = cfg or SIZES[size]
     out = Path(out)
     corpus = load_corpus(corpus_path)
-    spec = {"size": size, "config": asdict(cfg), "corpus": str(Path(corpus_path).resolve()), "n_docs": len(corpus),
+    corpus_hash = hashlib.sha256("\x00".join(corpus["text"]).encode()).hexdigest()[:16]
+    spec = {"size": size, "config": asdict(cfg), "corpus_sha": corpus_hash, "n_docs": len(corpus),
             "vocab": TOKENIZER_VOCAB, "version": 1}
     meta = out / "pretrain.json"
     if meta.exists() and (out / "config.json").exists():
@@ -159,12 +161,14 @@ def pretrain(corpus_path, out, size: str = "large", cfg: Optional[PretrainConfig
         if done.get("spec") == spec:
             return done
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else out
-    if (tok_dir / "tokenizer.json").exists():
+    stamp = tok_dir / "corpus_sha.txt"
+    if (tok_dir / "tokenizer.json").exists() and stamp.exists() and stamp.read_text().strip() == corpus_hash:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    else:
+    else:  # (re)train: the tokenizer belongs to this corpus
         tokenizer = train_tokenizer(list(corpus["text"]))
         tok_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(tok_dir)
+        stamp.write_text(corpus_hash)
     t0 = time.time()
     blocks = pack(tokenizer, corpus["text"], cfg.block)
     model = new_model(cfg, len(tokenizer))
