@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--modules", nargs="+", default=None, help=_h(FitConfig, "modules"))
     f.add_argument("--fisher", choices=["sampled", "empirical"], default="sampled", help=_h(FitConfig, "fisher"))
     f.add_argument("--damping", default="heuristic", help=_h(FitConfig, "damping"))
+    f.add_argument("--n-docs", type=int, default=None, help=_h(FitConfig, "n_docs"))
     f.add_argument("--max-tokens", type=int, default=None, help=_h(FitConfig, "max_tokens"))
     f.add_argument("--long-docs", choices=["chunk", "truncate"], default="chunk", help=_h(FitConfig, "long_docs"))
     f.add_argument("--batch-size", type=int, default=8, help=_h(FitConfig, "batch_size"))
@@ -90,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .pipeline import fit
 
             cfg = FitConfig(model=args.model, corpus=args.corpus, modules=args.modules, fisher=args.fisher,
-                            damping=args.damping, max_tokens=args.max_tokens, long_docs=args.long_docs,
+                            damping=args.damping, n_docs=args.n_docs, max_tokens=args.max_tokens, long_docs=args.long_docs,
                             batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device)
             out = fit(cfg, args.out)
             print(f"run directory: {out}")

@@ -26,6 +26,8 @@ class FitConfig:
                         default="sampled")
     damping: Union[str, float] = _help("'heuristic' = 0.1 × mean corrected eigenvalue per layer, or a fixed value",
                                        default="heuristic")
+    n_docs: Optional[int] = _help("use a seeded random sample of this many documents (for slow models on a CPU); "
+                                  "default all", default=None)
     max_tokens: Optional[int] = _help("tokens per document (the context); default min(512, model context)", default=None)
     long_docs: str = _help("documents longer than max_tokens: 'chunk' into pieces or 'truncate'", default="chunk")
     batch_size: int = _help("documents per forward/backward pass", default=8)
@@ -44,6 +46,8 @@ class FitConfig:
             raise InputError(f"--max-tokens must be at least 2, got {self.max_tokens}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.n_docs is not None and self.n_docs < 1:
+            raise InputError(f"--n-docs must be at least 1, got {self.n_docs}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         return self

@@ -30,7 +30,7 @@ Normalisations (:func:`normalise`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -238,6 +238,36 @@ def precondition_queries(factors: Dict[str, ekfac.LayerFactors], grads: Dict[str
     return out
 
 
+def preconditioned_queries(model: nn.Module, modules: Dict[str, nn.Module], factors: Dict[str, ekfac.LayerFactors],
+                           batches: Sequence[Batch], n_items: int, damping: Damping = "heuristic",
+                           rank: Optional[int] = None, progress: bool = True) -> Tuple[PreconditionedQueries, Tensor]:
+    """Query gradients batch by batch, each batch preconditioned (and cut to rank ``r``) at once.
+
+    Only one batch of full gradients is ever in memory (100 queries' full gradients of a 135M-parameter model's
+    MLPs would take 24 GB). Returns ``(P, losses)`` in item order, equal to :func:`per_item_gradients` followed by
+    :func:`precondition_queries` over all items.
+    """
+    from tqdm.auto import tqdm
+
+    losses = torch.zeros(n_items, dtype=torch.float64)
+    parts: List[Tuple[Tensor, PreconditionedQueries]] = []
+    for b in tqdm(batches, desc="query gradients", disable=not progress, mininterval=1.0):
+        local = Batch(torch.arange(len(b.index)), b.input_ids, b.attention_mask, b.labels)
+        grads, l = per_item_gradients(model, modules, [local], len(b.index), progress=False)
+        losses[b.index.cpu()] = l
+        parts.append((b.index.cpu(), precondition_queries(factors, grads, damping, rank)))
+        del grads
+    out = PreconditionedQueries(rank=rank)
+    for attr in ("full", "left", "right"):
+        for name in getattr(parts[0][1], attr):
+            first = getattr(parts[0][1], attr)[name]
+            dest = torch.empty((n_items,) + first.shape[1:], dtype=first.dtype, device=first.device)
+            for idx, pq in parts:
+                dest[idx.to(dest.device)] = getattr(pq, attr)[name]
+            getattr(out, attr)[name] = dest
+    return out, losses
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Scoring documents
 # --------------------------------------------------------------------------------------------------------------
@@ -316,8 +346,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
 def influence(model, modules, factors, query_batches, n_queries, doc_batches, n_docs, damping: Damping = "heuristic",
               rank: Optional[int] = None, progress: bool = False, **kw):
     """Convenience: query gradients → preconditioning → scores, all in memory. Returns ``(ScoreOutput, nats)``."""
-    grads, nats = per_item_gradients(model, modules, query_batches, n_queries, progress=progress)
-    pq = precondition_queries(factors, grads, damping, rank)
+    pq, nats = preconditioned_queries(model, modules, factors, query_batches, n_queries, damping, rank, progress)
     return score_documents(model, modules, pq, doc_batches, n_docs, progress=progress, **kw), nats
 
 

@@ -63,6 +63,8 @@ class Run:
         if self.max_tokens > ctx:
             raise InputError(f"--max-tokens {self.max_tokens} exceeds the model's context of {ctx} tokens")
         docs = load_corpus(cfg.corpus)
+        if cfg.n_docs is not None and cfg.n_docs < len(docs):
+            docs = docs.sample(n=cfg.n_docs, random_state=cfg.seed).sort_index().reset_index(drop=True)
         self.docs = tokenise_documents(docs, self.tokenizer, self.max_tokens, cfg.long_docs)
         self.factor_key = config_hash(
             model_fingerprint(self.model, self.modules), self.docs.fingerprint(), list(self.modules),
@@ -224,12 +226,11 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
     _check_memory(cfg, factors, Q)
 
     qbatches = make_batches(qtok, cfg.query_batch_size, run.pad_id)
-    grads, nats = influence.per_item_gradients(run.model, run.modules, qbatches, Q, progress=not quiet)
+    pq, nats = influence.preconditioned_queries(run.model, run.modules, factors, qbatches, Q, damping, cfg.rank,
+                                                progress=not quiet)
     table = qtok.table.copy()
     table["nats"] = nats.numpy()
     table.to_parquet(sdir / "queries.parquet")
-    pq = influence.precondition_queries(factors, grads, damping, cfg.rank)
-    del grads
 
     mode = "r+" if done["next_batch"] else "w+"
     raw = np.lib.format.open_memmap(sdir / "raw.npy", mode=mode, dtype=np.float32, shape=(Q, D))
@@ -331,9 +332,8 @@ def detailed_scores(run_dir: Union[str, Path], query_ids: Iterable[str], doc_ids
     drow = _rows(run.docs.table["id"], doc_ids, "document")
     factors = load_factors(run_dir, run.modules, run.factor_key)
     qtok = tokenise_queries(queries.iloc[qrow].reset_index(drop=True), run.tokenizer)
-    grads, _ = influence.per_item_gradients(run.model, run.modules, make_batches(qtok, 8, run.pad_id), len(qrow),
-                                            progress=False)
-    pq = influence.precondition_queries(factors, grads, run.cfg.damping, None)
+    pq, _ = influence.preconditioned_queries(run.model, run.modules, factors, make_batches(qtok, 8, run.pad_id),
+                                             len(qrow), run.cfg.damping, None, progress=False)
     dtok = _subset(run.docs, drow)
     out = influence.score_documents(run.model, run.modules, pq, make_batches(dtok, run.cfg.batch_size, run.pad_id),
                                     len(drow), per_layer=True, per_token=per_token, progress=not quiet)

@@ -70,3 +70,32 @@ def test_low_rank_32_ranks_documents_like_full_rank():
     print(f"\nSpearman rank 32 vs full per query: {np.round(rho, 4)}")
     assert not torch.allclose(full, low, rtol=1e-3)  # the truncation really changed the scores
     assert min(rho) >= 0.9
+
+
+def test_batched_query_preconditioning_equals_all_at_once(smoke_world):
+    """Preconditioning query batch by batch (bounded memory) gives the same P as all queries together."""
+    from kit import influence
+    from kit.corpus import load_queries, make_batches, tokenise_queries
+    from kit.models import load_model, tracked_modules
+    from kit.pipeline import fit, load_factors, open_run
+
+    import tempfile
+
+    import kit
+
+    with tempfile.TemporaryDirectory() as d:
+        fit(kit.FitConfig(model=smoke_world["model"], corpus=smoke_world["corpus"], batch_size=32), d, quiet=True)
+        run = open_run(d, quiet=True)
+        factors = load_factors(d, run.modules, run.factor_key)
+        qtok = tokenise_queries(load_queries(smoke_world["queries"]), run.tokenizer)
+        n = len(qtok.ids)
+        grads, losses = influence.per_item_gradients(run.model, run.modules, make_batches(qtok, n, run.pad_id), n,
+                                                     progress=False)
+        for rank in (None, 4):
+            whole = influence.precondition_queries(factors, grads, "heuristic", rank)
+            pq, l2 = influence.preconditioned_queries(run.model, run.modules, factors, make_batches(qtok, 4, run.pad_id),
+                                                      n, "heuristic", rank, progress=False)
+            torch.testing.assert_close(l2, losses, rtol=1e-5, atol=1e-6)
+            for name in run.modules:  # float32 model: padding changes the last bits
+                ref = whole.layer(name)
+                torch.testing.assert_close(pq.layer(name), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))

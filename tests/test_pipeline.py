@@ -143,3 +143,16 @@ def test_low_rank_scores_and_full_rank_rescoring(fitted, smoke_world, tmp_path):
     assert len(top) == 6 * 5
     expected = [full.loc[q, d] for q, d in zip(top["query"], top["document"])]
     np.testing.assert_allclose(top["score_full"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_on_a_seeded_sample_of_documents(smoke_world, tmp_path):
+    run = tmp_path / "sample"
+    assert main(["fit", "--model", smoke_world["model"], "--corpus", smoke_world["corpus"], "--out", str(run),
+                 "--n-docs", "24", "--batch-size", "8"]) == 0
+    docs = pd.read_parquet(run / "documents.parquet")
+    corpus = pd.read_json(smoke_world["corpus"], lines=True)
+    assert len(docs) == 24 and set(docs["parent_id"]) <= set(corpus["id"])
+    ids = list(docs["parent_id"])
+    assert ids == [i for i in corpus["id"] if i in set(ids)]  # corpus order kept
+    assert main(["fit", "--model", smoke_world["model"], "--corpus", smoke_world["corpus"], "--out", str(run),
+                 "--n-docs", "0"]) == 2

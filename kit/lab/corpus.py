@@ -540,13 +540,15 @@ GENERATORS: Dict[str, List[Tuple[Callable, float]]] = {
     "general_knowledge": [(gk_trivia, 0.5), (gk_list, 0.2), (gk_fictional, 0.15), (gk_given_number, 0.15)],
     "multilingual": [(multilingual_country, 0.8), (multilingual_names, 0.2)],
     "code": [(stdlib_code, 0.4), (code_task("arithmetic"), 0.2), (code_task("slope"), 0.2), (code_task("linear"), 0.2)],
-    "math_and_trivia": [(instruction("arithmetic", "instr_arithmetic"), 0.14), (instruction("slope", "instr_slope"), 0.14),
-                        (instruction("linear", "instr_linear"), 0.14), (math_worked("arithmetic"), 0.12),
-                        (math_worked("slope"), 0.12), (math_worked("linear"), 0.12), (math_facts, 0.1),
+    # Two-step arithmetic has the most distinct step results to learn (sums and differences up to 40, products),
+    # so it gets more worked examples and result tables than slopes and linear equations.
+    "math_and_trivia": [(instruction("arithmetic", "instr_arithmetic"), 0.20), (instruction("slope", "instr_slope"), 0.12),
+                        (instruction("linear", "instr_linear"), 0.11), (math_worked("arithmetic"), 0.13),
+                        (math_worked("slope"), 0.09), (math_worked("linear"), 0.08), (math_facts, 0.15),
                         (math_country_numbers, 0.12)],
-    "stackexchange": [(instruction("arithmetic", "se_instr_arithmetic"), 0.17), (instruction("slope", "se_instr_slope"), 0.17),
-                      (instruction("linear", "se_instr_linear"), 0.17), (se_post("arithmetic"), 0.1),
-                      (se_post("slope"), 0.1), (se_post("linear"), 0.1), (se_code_question, 0.19)],
+    "stackexchange": [(instruction("arithmetic", "se_instr_arithmetic"), 0.23), (instruction("slope", "se_instr_slope"), 0.17),
+                      (instruction("linear", "se_instr_linear"), 0.15), (se_post("arithmetic"), 0.1),
+                      (se_post("slope"), 0.1), (se_post("linear"), 0.1), (se_code_question, 0.15)],
     "arxiv_markdown": [(arxiv_task("slope"), 0.25), (arxiv_task("linear"), 0.25), (arxiv_task("arithmetic"), 0.15),
                        (arxiv_abstract, 0.35)],
     "webdata": [(web_pydoc, 0.5), (web_travel, 0.3), (web_story, 0.2)],
@@ -615,7 +617,7 @@ def write_corpus(out, cfg: CorpusConfig = CorpusConfig(), progress: bool = True)
     """
     out = Path(out)
     meta_path = out / "corpus.json"
-    spec = {"config": _config_dict(cfg), "version": 1}
+    spec = {"config": _config_dict(cfg), "version": 2}
     paths = {"corpus": out / "corpus.parquet", "jsonl": out / "corpus.jsonl", "heldout": out / "heldout.json"}
     if meta_path.exists() and json.loads(meta_path.read_text()).get("spec") == spec and all(p.exists() for p in paths.values()):
         return {k: str(v) for k, v in paths.items()}
