@@ -123,3 +123,33 @@ def test_grade_cli_and_its_errors(tmp_path, capsys):
     path.write_text(json.dumps({"id": "f", "prompt": "Who wrote Hamlet?", "completion": "Shakespeare"}) + "\n")
     assert main(["grade", str(path)]) == 2
     assert "add an 'answer' column" in capsys.readouterr().err
+
+
+def test_answer_queries_generates_greedily_and_measures_nats(smoke_world):
+    """Greedy completions (checked against a token-by-token argmax loop) and their nats (against a brute-force sum)."""
+    import torch
+
+    from kit.models import load_model
+    from kit.queries import answer_queries
+
+    model, tok = load_model(smoke_world["model"])
+    q = pd.DataFrame([{"id": "a", "task": "arithmetic", "prompt": "Calculate (3 + 4) * 2."},
+                      {"id": "s", "task": "slope", "prompt": "What is the slope through (1, 2) and (7, 14)?"}])
+    out = answer_queries(model, tok, q, max_new_tokens=12, progress=False)
+    for r in out.itertuples():
+        ids = tok(r.prompt, return_tensors="pt")["input_ids"]
+        for _ in range(12):  # greedy, one token at a time, no padding
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        n_prompt = len(tok(r.prompt)["input_ids"])
+        assert r.completion == tok.decode(ids[0, n_prompt:], skip_special_tokens=True)
+        # nats: -sum log p(completion tokens | prompt), completion tokenised on its own as the scoring pipeline does
+        comp = tok(r.completion, add_special_tokens=False)["input_ids"]
+        full = torch.tensor([tok(r.prompt)["input_ids"] + comp])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=full).logits[0].double(), -1)
+        want = -sum(float(lp[n_prompt + i - 1, t]) for i, t in enumerate(comp))
+        assert abs(r.nats - want) < 1e-3 * max(1.0, want)
+    assert set(out.columns) >= {"completion", "nats", "extracted", "correct", "question"}
