@@ -57,21 +57,10 @@ def smoke_queries() -> pd.DataFrame:
 
 
 def train_tokenizer(texts: List[str], vocab_size: int = 300):
-    """Byte-level BPE trained on ``texts`` with every digit its own token; returned as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The lab's tokenizer recipe (byte-level BPE, every digit its own token) at a tiny vocabulary."""
+    from .lab.pretrain import train_tokenizer as lab_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    from tokenizers.processors import TemplateProcessing
-    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return lab_tokenizer(texts, vocab_size)
 
 
 def tiny_model(arch: str = "llama", vocab_size: int = 300, hidden: int = 32, intermediate: int = 64, layers: int = 2,

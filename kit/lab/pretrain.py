@@ -69,7 +69,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = TOKENIZER_VOCAB):
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", padding_side="left")
+                                   unk_token="<unk>")
 
 
 def new_model(cfg: PretrainConfig, vocab_size: int):
