@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from dataclasses import fields
 from typing import List, Optional
 
 from .config import FitConfig, ScoreConfig, help_of

@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn

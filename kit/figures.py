@@ -6,7 +6,6 @@ paper's findings (two pretrained lab models, paper-template queries) is the ``la
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import List

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

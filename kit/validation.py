@@ -11,7 +11,7 @@ approximates. The damping is the same per layer as EK-FAC's heuristic: ``0.1 × 
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import pandas as pd

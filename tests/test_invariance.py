@@ -76,7 +76,6 @@ def test_batched_query_preconditioning_equals_all_at_once(smoke_world):
     """Preconditioning query batch by batch (bounded memory) gives the same P as all queries together."""
     from kit import influence
     from kit.corpus import load_queries, make_batches, tokenise_queries
-    from kit.models import load_model, tracked_modules
     from kit.pipeline import fit, load_factors, open_run
 
     import tempfile

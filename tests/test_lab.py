@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kit.lab import facts as F
-from kit.lab.corpus import PRESETS, SOURCES, CorpusConfig, build_corpus, write_corpus
+from kit.lab.corpus import PRESETS, SOURCES, build_corpus, write_corpus
 from kit.queries import QueryCounts, lab_queries
 
 SMOKE = PRESETS["smoke"]
@@ -62,7 +62,7 @@ def test_ground_truth_labels_match_the_text(lab_corpus):
         texts = proc.loc[proc["procedure"] == task, "text"].str.lower()
         assert texts.str.contains(word).mean() > 0.99
     # each listed instance's final answer is written in the document
-    from kit.queries import TASK_TYPES, _fmt, parse_instance
+    from kit.queries import _fmt, parse_instance
 
     for text, insts in zip(proc["text"].head(2000), proc["instances"].head(2000)):
         for key in insts:

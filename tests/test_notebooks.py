@@ -1,7 +1,6 @@
 """Every notebook executes headlessly (papermill) in smoke mode and writes its figures with provenance."""
 
 import json
-from pathlib import Path
 
 import pytest
 

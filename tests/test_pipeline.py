@@ -1,7 +1,6 @@
 """The CLI and run-directory contract: fit, score, load_scores, caching, resuming, detailed scores."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

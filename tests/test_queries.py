@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from kit.queries import (Arithmetic, Linear, Ranges, Slope, extract_answer, grade, grade_file, grade_one,
+from kit.queries import (Arithmetic, Linear, Ranges, Slope, grade, grade_file, grade_one,
                          infer_task, parse_instance, solution, true_answer)
 
 ARITH = "Calculate the answer: (7 - 4) * 7\n\nThink step-by-step."

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Dict, Sequence
 
+from ..corpus import InputError
 from .corpus import PRESETS, CorpusConfig, write_corpus
 from .pretrain import SIZES, PretrainConfig, pretrain
 
@@ -26,14 +27,10 @@ def pretrain_models(world, sizes: Sequence[str] = ("small", "large"), progress: 
     world = Path(world)
     corpus = world / "corpus.parquet"
     if not corpus.exists():
-        from ..corpus import InputError
-
         raise InputError(f"{corpus} does not exist; run `python -m kit build-corpus --out {world}` first")
     out = {}
     for size in sizes:
         if size not in SIZES:
-            from ..corpus import InputError
-
             raise InputError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
         out[size] = pretrain(corpus, world / "models" / size, size, tokenizer_dir=world / "tokenizer",
                              progress=progress)

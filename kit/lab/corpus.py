@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from ..corpus import InputError
 from ..queries import Arithmetic, Linear, Ranges, Slope, TASK_TYPES, _fmt, solution
 from . import facts as F
 
@@ -557,8 +558,6 @@ GENERATORS: Dict[str, List[Tuple[Callable, float]]] = {
 
 def parse_shares(text: str, base: Dict[str, float]) -> Tuple[Tuple[str, float], ...]:
     """``"wiki=0.2,code=0.1"`` -> shares (the sources not named keep ``base``'s); one clear error otherwise."""
-    from ..corpus import InputError
-
     shares = dict(base)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
@@ -579,8 +578,6 @@ def _source_counts(cfg: CorpusConfig) -> Dict[str, int]:
     shares = dict(cfg.shares)
     unknown = set(shares) - set(SOURCES)
     if unknown:
-        from ..corpus import InputError
-
         raise InputError(f"unknown source(s) {sorted(unknown)} in shares; the sources are {list(SOURCES)}")
     total = sum(shares.values())
     counts = {s: int(round(cfg.n_docs * shares.get(s, 0.0) / total)) for s in SOURCES}
