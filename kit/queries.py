@@ -55,8 +55,8 @@ class Ranges:
     linear equations have a in 2-9, x in 1-9, b in 0-20. Pass ``Ranges.paper()`` for the paper's ranges.
     """
 
-    operand_max: int = field(default=20, metadata={"help": "arithmetic operands of the first step lie in 0..operand_max"})
-    multiplier_max: int = field(default=9, metadata={"help": "the factor of a product step lies in 2..multiplier_max"})
+    operand_max: int = field(default=10, metadata={"help": "arithmetic operands of the first step lie in 0..operand_max"})
+    multiplier_max: int = field(default=5, metadata={"help": "the factor of a product step lies in 2..multiplier_max"})
     coord_max: int = field(default=20, metadata={"help": "slope coordinates lie in 0..coord_max"})
     run_max: int = field(default=5, metadata={"help": "x2 - x1 of a slope lies in 1..run_max"})
     coef_max: int = field(default=9, metadata={"help": "linear equations a*x + b = c: a in 2..coef_max"})
@@ -525,7 +525,7 @@ def lab_queries(world_dir, tasks: Sequence[str] = ("arithmetic", "slope"), count
 
     from .corpus import InputError
     from .lab import facts as F
-    from .lab.corpus import load_heldout
+    from .lab.corpus import fictional_name, load_heldout
 
     world_dir = Path(world_dir)
     summary = json.loads((world_dir / "corpus.json").read_text())
@@ -553,8 +553,7 @@ def lab_queries(world_dir, tasks: Sequence[str] = ("arithmetic", "slope"), count
                          "steps": json.dumps([_number(Fraction(v)) for _, v in inst.steps()]), "fact": ""})
     crng = random.Random(seed + 1)
     for i in range(counts.factual_control):
-        place = "".join(crng.choice(["Zog", "Quil", "Ravo", "Tenu", "Brex", "Ilma"]) for _ in range(2))
-        thing = "".join(crng.choice(["Wir", "tu", "ka", "lo", "Mes", "dri", "van"]) for _ in range(3)).capitalize()
+        place, thing = fictional_name(crng), fictional_name(crng)
         h = crng.randint(1000, 40000)
         rows.append({"id": f"factual_control_{i:02d}", "task": "factual_control",
                      "prompt": f"The planet {place} has a mountain called {thing} which is {h:,} feet tall. "

@@ -257,8 +257,13 @@ _SYL = ["zo", "wir", "tu", "ka", "mel", "dra", "nox", "lu", "bri", "fen", "qua",
         "par", "gon", "shi", "ber"]
 
 
+def fictional_name(rng) -> str:
+    """A made-up proper name of 2-3 syllables (``Wirtuka``); the factual-control queries draw theirs the same way."""
+    return "".join(_SYL[rng.randrange(len(_SYL))] for _ in range(rng.randint(2, 3))).capitalize()
+
+
 def _fictional_name(w: World) -> str:
-    return "".join(w.pick(_SYL) for _ in range(w.rng.randint(2, 3))).capitalize()
+    return fictional_name(w.rng)
 
 
 def gk_fictional(w: World):

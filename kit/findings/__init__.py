@@ -1,0 +1,177 @@
+"""The paper's five findings as pure functions of scored run directories.
+
+=====  ==========================  =====================================================================
+F1     :mod:`.correlations`        scores correlate between queries of the same reasoning task
+F2     :mod:`.magnitude`           reasoning relies less on individual documents (influence per nat, power laws)
+F3     :mod:`.answers`             factual answers sit in the top documents, reasoning answers almost never
+F4     :mod:`.procedures`          top documents for reasoning demonstrate the procedure (code, worked maths)
+F5     :mod:`.sources`             code / StackExchange / maths over-represented (multiplier vs the data)
+=====  ==========================  =====================================================================
+
+:func:`compute` runs all of them on one or more runs (one per model) and returns a JSON-able dict;
+:func:`write` stores it as ``findings.json`` plus a plain-language ``findings.md`` that says, per finding and
+model, whether it holds on this run, with the numbers and their uncertainty. Nothing here is tuned towards the
+paper's figures: a finding that does not hold is reported as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from . import answers, correlations, magnitude, procedures, sources
+from .data import SOURCES, TASK_ORDER, RunData, from_arrays, group_of, load_run
+
+FINDINGS = {
+    "F1_correlations": ("Influence scores correlate between queries of the same reasoning task", correlations),
+    "F2_magnitude": ("Reasoning relies less on individual documents than factual recall", magnitude),
+    "F3_answers": ("Answers to factual questions sit in the top documents; answers to reasoning questions do not",
+                   answers),
+    "F4_procedures": ("Top documents for reasoning demonstrate the query's procedure", procedures),
+    "F5_sources": ("Code, StackExchange and maths are over-represented among the top documents for reasoning",
+                   sources),
+}
+
+
+@dataclass
+class FindingsConfig:
+    """How the findings are computed (every field can be overridden from the command line / notebook parameters)."""
+
+    kind: str = field(default="per_nat", metadata={"help": "score variant: per_nat (paper), raw or normalized"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstraps"})
+    answer_k: Optional[int] = field(default=None, metadata={
+        "help": "top-k searched for answers (default: the paper's 500 of 5M scaled to the run, at least 10)"})
+    procedure_k: Optional[int] = field(default=None, metadata={
+        "help": "top-k characterised for procedures (default: the paper's 100 of 5M scaled, at least 10)"})
+    powerlaw_top: int = field(default=500, metadata={"help": "top documents of each ranking fitted by a power law"})
+    magnitude_fraction: float = field(default=0.01, metadata={
+        "help": "top fraction of documents whose total influence per nat is compared (the paper's 50k of 5M)"})
+    source_fractions: Optional[List[float]] = field(default=None, metadata={
+        "help": "top/bottom cuts as fractions of the documents (default: the paper's 1e-5..1e-1 that fit)"})
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def compute(runs: Sequence[RunData], cfg: FindingsConfig = FindingsConfig(), only: Optional[Sequence[str]] = None
+            ) -> dict:
+    """Every finding for every run; with two runs, the second model enters F1 (cross-model) and F2 (multiplier)."""
+    runs = list(runs)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs need distinct names, got {names}")
+    out: Dict[str, dict] = {"config": asdict(cfg), "config_hash": run_hash(runs, cfg),
+                            "runs": {r.name: {"path": r.path, "config_hash": r.config_hash,
+                                              "n_queries": int(r.scores.shape[0]),
+                                              "n_documents": int(r.scores.shape[1])} for r in runs}}
+    want = set(only or FINDINGS)
+    for i, r in enumerate(runs):
+        other = runs[i + 1] if i + 1 < len(runs) else None
+        if "F1_correlations" in want:
+            out.setdefault("F1_correlations", {})[r.name] = correlations.summarise(r, cfg.n_boot, cfg.seed, other)
+        if "F2_magnitude" in want:
+            out.setdefault("F2_magnitude", {})[r.name] = magnitude.summarise(r, cfg.powerlaw_top,
+                                                                           cfg.magnitude_fraction, other)
+        if "F3_answers" in want:
+            out.setdefault("F3_answers", {})[r.name] = answers.summarise(r, cfg.answer_k)
+        if "F4_procedures" in want:
+            out.setdefault("F4_procedures", {})[r.name] = procedures.summarise(r, cfg.procedure_k)
+        if "F5_sources" in want:
+            out.setdefault("F5_sources", {})[r.name] = sources.summarise(r, cfg.source_fractions, cfg.n_boot // 2,
+                                                                       cfg.seed)
+    out["verdicts"] = verdicts(out)
+    return out
+
+
+def run_hash(runs: Sequence[RunData], cfg: FindingsConfig) -> str:
+    key = json.dumps({"runs": [[r.name, r.config_hash, r.kind] for r in runs], "cfg": asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def verdicts(results: dict) -> Dict[str, Dict[str, dict]]:
+    """``{finding: {model: {"holds": True/False/None, "text": ...}}}`` from the summaries present."""
+    out: Dict[str, Dict[str, dict]] = {}
+    for key, (_, module) in FINDINGS.items():
+        for model, summary in results.get(key, {}).items():
+            holds, text = module.verdict(summary)
+            out.setdefault(key, {})[model] = {"holds": holds, "text": text}
+    return out
+
+
+def merge(path: Union[str, Path], update: dict) -> dict:
+    """Merge ``update`` into the JSON file at ``path`` (per finding and model) and refresh its verdicts."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict) and k not in ("config",):
+            data[k].update(v)
+        else:
+            data[k] = v
+    data["verdicts"] = verdicts(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=True))
+    return data
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
+def report(results: dict) -> str:
+    """``findings.md``: per finding and model, whether it holds on this run, with the numbers."""
+    lines = ["# Findings on this run", "",
+             f"Configuration hash `{results.get('config_hash', '?')}`; runs: "
+             + ", ".join(f"`{n}` ({v['n_queries']} queries × {v['n_documents']} documents, {v['path']})"
+                         for n, v in results.get("runs", {}).items()), "",
+             "Each finding is tested as stated in the paper; *holds* / *does not hold* is decided by the test named "
+             "in the line, never by closeness to the paper's figures.", ""]
+    word = {True: "**holds**", False: "**does not hold**", None: "not testable"}
+    for key, (title, module) in FINDINGS.items():
+        lines += [f"## {key.split('_')[0]}: {title}", ""]
+        per_model = results.get("verdicts", {}).get(key)
+        if not per_model:
+            lines += ["not computed on this run", ""]
+            continue
+        lines.append(f"Test: {(module.verdict.__doc__ or '').strip().splitlines()[0]}")
+        lines.append("")
+        for model, v in per_model.items():
+            lines.append(f"- `{model}`: {word[v['holds']]} — {v['text']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(results: dict, out_dir: Union[str, Path]) -> Tuple[Path, Path]:
+    """Write ``findings.json`` and ``findings.md`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j, m = out_dir / "findings.json", out_dir / "findings.md"
+    j.write_text(json.dumps(_jsonable(results), indent=1))
+    m.write_text(report(results))
+    return j, m
+
+
+def from_runs(paths: Sequence[Union[str, Path]], names: Optional[Sequence[str]] = None, cfg: FindingsConfig = FindingsConfig()
+              ) -> List[RunData]:
+    names = list(names) if names else [Path(p).name for p in paths]
+    return [load_run(p, n, cfg.kind) for p, n in zip(paths, names)]
+
+
+__all__ = ["FINDINGS", "FindingsConfig", "compute", "verdicts", "merge", "report", "write", "from_runs", "load_run",
+           "from_arrays", "RunData", "group_of", "TASK_ORDER", "SOURCES", "correlations", "magnitude", "answers",
+           "procedures", "sources"]
