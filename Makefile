@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PRESET ?= smoke
+PRESET ?= lab
 ARGS   ?=
 
 .PHONY: venv test figures bench clean help world smollm2
@@ -27,7 +27,7 @@ venv: $(STAMP)
 test: venv
 	$(BIN)/python -m pytest -q tests
 
-figures: venv
+figures: venv $(if $(filter smollm2,$(PRESET)),smollm2)
 	$(BIN)/python -m kit figures --preset $(PRESET) $(ARGS)
 
 world: venv
@@ -43,4 +43,4 @@ bench: venv
 	$(BIN)/python benchmarks/bench_ekfac.py
 
 clean:
-	rm -rf data/smoke data/runs data/lab figures/executed figures/*.png figures/*.pdf
+	rm -rf data/smoke data/smoke-lab data/runs data/lab figures/executed figures/*.png figures/*.pdf figures/*.html figures/findings.*

@@ -77,9 +77,45 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("file", help="jsonl with id, prompt, completion (task, answer optional)")
 
     g = sub.add_parser("figures", help="build a preset's world, fit + score, execute the notebooks -> figures/")
-    g.add_argument("--preset", default="smoke", help="smoke (tiny world built by the kit)")
+    g.add_argument("--preset", default="lab", help="lab (default: the offline lab world, both lab models), smoke "
+                   "(a tiny world, about a minute) or smollm2 (make smollm2 first)")
     g.add_argument("--data-dir", default="data")
     g.add_argument("--figures-dir", default="figures")
+    g.add_argument("--n-docs", type=int, help="documents fitted and scored (seeded sample of the corpus)")
+    g.add_argument("--query-rank", help="full or a rank r for the query gradients")
+    g.add_argument("--fisher", choices=["sampled", "empirical"])
+    g.add_argument("--factual", type=int, help="factual queries per model")
+    g.add_argument("--reasoning", type=int, help="queries per reasoning task per model")
+    g.add_argument("--controls", type=int, help="factual and reasoning controls per model (each)")
+    _findings_args(g)
+
+    fd = sub.add_parser("findings", help="compute the five findings of scored run directories -> findings.json/.md")
+    fd.add_argument("--run", action="append", required=True, help="a scored run directory (repeat for a second "
+                    "model: cross-model correlations and magnitude multipliers)")
+    fd.add_argument("--name", action="append", help="a name per --run (default: the directory name)")
+    fd.add_argument("--out", help="where findings.json and findings.md go (default: the first run directory)")
+    _findings_args(fd)
+    return p
+
+
+def _findings_args(p) -> None:
+    from .findings import FindingsConfig
+
+    p.add_argument("--kind", choices=["per_nat", "raw", "normalized"], help=_h(FindingsConfig, "kind"))
+    p.add_argument("--n-boot", type=int, help=_h(FindingsConfig, "n_boot"))
+    p.add_argument("--answer-k", type=int, help=_h(FindingsConfig, "answer_k"))
+    p.add_argument("--procedure-k", type=int, help=_h(FindingsConfig, "procedure_k"))
+    p.add_argument("--source-fractions", type=float, nargs="+", help=_h(FindingsConfig, "source_fractions"))
+
+
+def _findings_config(args):
+    from .findings import FindingsConfig
+
+    given = {k: getattr(args, k) for k in ("kind", "n_boot", "answer_k", "procedure_k", "source_fractions")
+             if getattr(args, k, None) is not None}
+    if given.get("n_boot", 1) < 1:
+        raise InputError("--n-boot must be at least 1")
+    return FindingsConfig(**given), given
     return p
 
 
@@ -172,9 +208,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             grade_file(args.file)
         elif args.cmd == "figures":
+            from .config import parse_rank
             from .figures import main as figures_main
 
-            return figures_main(args.preset, args.data_dir, args.figures_dir)
+            over = {k: getattr(args, k) for k in ("n_docs", "fisher", "factual", "reasoning", "controls")
+                    if getattr(args, k) is not None}
+            if args.query_rank is not None:
+                over["query_rank"] = parse_rank(args.query_rank)
+            _, nb = _findings_config(args)
+            return figures_main(args.preset, args.data_dir, args.figures_dir, over, nb)
+        elif args.cmd == "findings":
+            from . import findings as FD
+
+            cfg, _ = _findings_config(args)
+            if args.name and len(args.name) != len(args.run):
+                raise InputError(f"give one --name per --run ({len(args.run)} runs, {len(args.name)} names)")
+            data = FD.from_runs(args.run, args.name, cfg)
+            res = FD.compute(data, cfg)
+            j, m = FD.write(res, args.out or args.run[0])
+            print(m.read_text())
+            print(f"numbers: {j}\nverdicts: {m}")
     except (InputError, ModelError, FactorError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -38,7 +38,13 @@ def read_table(path: Union[str, Path], what: str) -> pd.DataFrame:
         if path.suffix in (".jsonl", ".json"):
             if path.stat().st_size == 0:
                 return pd.DataFrame()
-            return pd.read_json(path, lines=True, dtype=False)
+            if path.suffix == ".json":
+                return pd.read_json(path, dtype=False)
+            # json.loads per line: keeps big integers and mixed-type columns as Python values
+            import json
+
+            with open(path, encoding="utf-8") as fh:
+                return pd.DataFrame([json.loads(line) for line in fh if line.strip()])
     except ValueError as err:
         raise InputError(f"{what} file {path} could not be parsed: {err}") from err
     raise InputError(f"{what} file {path} must be .jsonl or .parquet")
@@ -152,7 +158,9 @@ def tokenise_documents(docs: pd.DataFrame, tokenizer, max_tokens: int, long_docs
     else:
         note = f"{n_long} document(s) longer than {max_tokens} tokens were truncated to their first {max_tokens} tokens"
     table = pd.DataFrame(rows)
-    table = table.merge(docs[["id", "text"]].rename(columns={"id": "parent_id"}), on="parent_id", how="left")
+    # the document's text and any further columns of the corpus (e.g. the lab world's ground-truth labels)
+    extra = [c for c in docs.columns if c not in ("id", "source") and c not in table.columns]
+    table = table.merge(docs[["id"] + extra].rename(columns={"id": "parent_id"}), on="parent_id", how="left")
     return Tokenised(ids=ids, labels=[list(x) for x in ids], table=table, note=note)
 
 

@@ -1,62 +1,184 @@
-"""``python -m kit figures``: build the world of a preset, fit + score it, execute the notebooks with papermill.
+"""``python -m kit figures``: the main job. World → models → fit + score → notebooks → figures/.
 
-Presets: ``smoke`` (a tiny world the kit builds in seconds; every stage end to end). The lab world of the
-paper's findings (two pretrained lab models, paper-template queries) is the ``lab`` preset, not yet available.
+Presets (``--preset``, ``make figures PRESET=…``):
+
+``lab``      (default) the offline lab world: 20k-document corpus, the ``small`` and ``large`` lab models
+             pretrained on it, each answering its paper-style query set; EK-FAC (sampled Fisher, heuristic
+             damping, every MLP projection) fitted and scored on a seeded sample of the corpus (the paper, too,
+             scores a sample of the pretraining data).
+``smoke``    the same pipeline on a tiny world (800 documents, two tiny models, a few queries): every stage end
+             to end in about a minute. The test suite runs the notebooks on it.
+``smollm2``  SmolLM2-135M-Instruct (``make smollm2``) on the lab corpus, chat template, a small document sample.
+
+Every stage is cached under ``data/`` by configuration: a second run reuses what is done, a killed run resumes.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional, Union
 
 from .config import FitConfig, ScoreConfig
 from .corpus import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["02_fit_and_score.ipynb"]
-PRESETS = ("smoke",)
+NOTEBOOKS = ["01_world_and_queries.ipynb", "02_fit_and_score.ipynb", "03_f1_correlations.ipynb",
+             "04_f2_magnitude.ipynb", "05_f3_answers.ipynb", "06_f4_procedures.ipynb", "07_f5_sources.ipynb",
+             "08_explorer.ipynb"]
 
 
-def prepare(preset: str, data_dir: Path) -> Path:
-    """Build the preset's world and return its fitted and scored run directory (cached stages are reused)."""
+@dataclass
+class Preset:
+    """What ``make figures`` builds and analyses."""
+
+    corpus: str = field(default="lab", metadata={"help": "lab corpus preset (kit.lab.corpus.PRESETS)"})
+    world: str = field(default="lab", metadata={"help": "world directory under the data directory"})
+    models: Dict[str, Optional[str]] = field(default_factory=lambda: {"small": None, "large": None}, metadata={
+        "help": "model name -> model spec (None: pretrain the lab size of that name)"})
+    pretrain_sizes: Optional[Dict[str, str]] = field(default=None, metadata={
+        "help": "model name -> kit.lab.pretrain.SIZES entry (default: the same name)"})
+    factual: int = field(default=40, metadata={"help": "factual queries per model"})
+    reasoning: int = field(default=20, metadata={"help": "queries per reasoning task per model"})
+    controls: int = field(default=10, metadata={"help": "factual and reasoning controls per model (each)"})
+    min_docs: int = field(default=10, metadata={"help": "factual queries only about facts this many documents state"})
+    chat: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat template"})
+    n_docs: Optional[int] = field(default=4000, metadata={"help": "documents fitted and scored (seeded sample)"})
+    fisher: str = field(default="sampled", metadata={"help": "sampled (true Fisher, the paper) or empirical"})
+    query_rank: Union[str, int] = field(default="full", metadata={"help": "full or a rank r for query gradients"})
+    batch_size: int = field(default=16, metadata={"help": "documents per forward/backward pass"})
+
+
+PRESETS: Dict[str, Preset] = {
+    "lab": Preset(),
+    "smoke": Preset(corpus="smoke", world="smoke-lab", pretrain_sizes={"small": "smoke_small", "large": "smoke_large"},
+                    factual=6, reasoning=4, controls=2, min_docs=2, n_docs=None),
+    "smollm2": Preset(models={"smollm2": "smollm2"}, chat=True, n_docs=64, query_rank=32, batch_size=4, factual=20,
+                      reasoning=10, controls=5),
+}
+
+
+def prepare(preset: Preset, data_dir: Path, progress: bool = True) -> Dict[str, object]:
+    """Build the preset's world and return ``{"world": dir, "runs": {model: run dir}, "timings": …}``."""
+    from .lab import answer_model_queries, pretrain_models
+    from .lab.corpus import PRESETS as CORPORA, write_corpus
+    from .lab.pretrain import SIZES
     from .pipeline import fit, score
+    from .queries import QueryCounts
 
-    if preset == "smoke":
-        from .smoke import build_smoke_world
+    world = data_dir / preset.world
+    t = {}
+    t0 = time.time()
+    if preset.corpus not in CORPORA:
+        raise InputError(f"unknown corpus preset {preset.corpus!r}; choose from {sorted(CORPORA)}")
+    write_corpus(world, CORPORA[preset.corpus], progress=progress)
+    t["corpus"] = time.time() - t0
+    lab = [m for m, spec in preset.models.items() if spec is None]
+    if lab:
+        t0 = time.time()
+        sizes = preset.pretrain_sizes or {m: m for m in lab}
+        pretrain_models(world, lab, progress=progress, configs={m: SIZES[sizes[m]] for m in lab})
+        t["pretrain"] = time.time() - t0
+    counts = QueryCounts(preset.factual, preset.reasoning, preset.controls, preset.controls)
+    runs, dropped = {}, {}
+    for name, spec in preset.models.items():
+        t0 = time.time()
+        answer_model_queries(world, name, model_dir=spec, counts=counts, chat=preset.chat, min_docs=preset.min_docs,
+                             progress=progress)
+        t[f"queries_{name}"] = time.time() - t0
+        model = spec or str(world / "models" / name)
+        run = data_dir / "runs" / f"{preset.world}-{name}"
+        queries = _scorable(world / f"queries-{name}.jsonl", dropped.setdefault(name, []))
+        t0 = time.time()
+        fit(FitConfig(model=model, corpus=str(world / "corpus.parquet"), fisher=preset.fisher, n_docs=preset.n_docs,
+                      batch_size=preset.batch_size), run, quiet=not progress)
+        score(run, ScoreConfig(queries=queries, query_rank=preset.query_rank), quiet=not progress)
+        t[f"fit_score_{name}"] = time.time() - t0
+        runs[name] = str(run)
+    return {"world": str(world), "runs": runs, "timings": {k: round(v, 1) for k, v in t.items()},
+            "dropped_queries": dropped}
 
-        w = build_smoke_world(data_dir / "smoke")
-        run = data_dir / "runs" / "smoke"
-        fit(FitConfig(model=w["model"], corpus=w["corpus"], batch_size=16), run)
-        score(run, ScoreConfig(queries=w["queries"]))
-        return run
-    raise InputError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)} (the lab preset comes with the lab world)")
+
+def _scorable(path: Path, dropped: list) -> str:
+    """The answered queries minus those whose completion is empty (influence needs completion tokens).
+
+    A model may end its answer at once; such queries are listed in ``dropped`` and reported, not scored.
+    """
+    from .corpus import read_table
+
+    q = read_table(path, "queries")
+    empty = q["completion"].fillna("").astype(str).str.strip() == ""
+    if not empty.any():
+        return str(path)
+    dropped.extend(q.loc[empty, "id"].tolist())
+    print(f"[kit] {path.name}: {int(empty.sum())} queries with an empty completion are not scored: "
+          f"{', '.join(dropped)}", flush=True)
+    out = path.with_name(path.stem + ".scored.jsonl")
+    q[~empty].to_json(out, orient="records", lines=True, force_ascii=False)
+    return str(out)
 
 
-def run_notebooks(run: Path, figures_dir: Path, preset: str, notebooks: List[str] = NOTEBOOKS) -> List[Path]:
+def run_notebooks(ctx: Dict[str, object], figures_dir: Path, preset: str, notebooks: List[str] = NOTEBOOKS,
+                  findings_json: Optional[Path] = None, extra: Optional[dict] = None) -> List[Path]:
+    """Execute the notebooks with papermill; each writes its figures and its keys of ``findings.json``."""
     import papermill as pm
 
+    figures_dir = Path(figures_dir)
     executed = figures_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
+    findings_json = findings_json or figures_dir / "findings.json"
     out = []
     for nb in notebooks:
         target = executed / nb
         print(f"[kit] executing notebooks/{nb} → {target}", flush=True)
+        params = {"runs": dict(ctx["runs"]), "world_dir": str(ctx["world"]), "figures_dir": str(figures_dir),
+                  "findings_json": str(findings_json), "preset": preset, **(extra or {})}
         pm.execute_notebook(str(ROOT / "notebooks" / nb), str(target), cwd=str(ROOT), progress_bar=False,
-                            parameters={"run_dir": str(run), "figures_dir": str(figures_dir), "preset": preset})
+                            parameters=params)
         out.append(target)
     return out
 
 
-def main(preset: str = "smoke", data_dir: str = "data", figures_dir: str = "figures") -> int:
+def config_hash(p: Preset, runs: Dict[str, str]) -> str:
+    """One hash for the preset and every run's factors and scores (what the figures were made from)."""
+    import hashlib
+
+    keys = {}
+    for name, run in runs.items():
+        c = json.loads((Path(run) / "config.json").read_text())
+        keys[name] = [c.get("factor_key"), c.get("latest_scores")]
+    return hashlib.sha256(json.dumps([asdict(p), keys], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def main(preset: str = "lab", data_dir: str = "data", figures_dir: str = "figures", overrides: Optional[dict] = None,
+         notebook_params: Optional[dict] = None) -> int:
+    """``make figures``: every stage, then the notebooks, then ``findings.md``; prints where everything is."""
+    from . import findings as FD
+
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    p = replace(PRESETS[preset], **(overrides or {}))
     t0 = time.time()
-    if preset == "smoke":
-        print("[kit] preset 'smoke': a tiny world built by the kit, to run every stage end to end. It is NOT the "
-              "lab world of the paper's findings (that preset arrives with the lab corpus and models).", flush=True)
     data, figs = (ROOT / data_dir).resolve(), (ROOT / figures_dir).resolve()
-    run = prepare(preset, data)
-    run_notebooks(run, figs, preset)
-    made = sorted(p.name for p in figs.glob("*.png")) + sorted(p.name for p in figs.glob("*.pdf"))
-    print(f"[kit] figures in {figs}: {', '.join(made)}")
-    print(f"[kit] executed notebooks in {figs / 'executed'}; run directory {run}; {time.time() - t0:.0f}s")
+    print(f"[kit] preset {preset}: {json.dumps(asdict(p))}", flush=True)
+    ctx = prepare(p, data)
+    t_prep = time.time() - t0
+    figs.mkdir(parents=True, exist_ok=True)
+    fj = figs / "findings.json"
+    fj.unlink(missing_ok=True)  # every key is rewritten by this run's notebooks
+    FD.merge(fj, {"preset": {"name": preset, **asdict(p)}, "runs": ctx["runs"], "world": ctx["world"],
+                  "timings": ctx["timings"], "config_hash": config_hash(p, ctx["runs"]),
+                  "dropped_queries": ctx["dropped_queries"]})
+    run_notebooks(ctx, figs, preset, findings_json=fj, extra=notebook_params)
+    data_json = json.loads(fj.read_text())
+    data_json["timings"]["total_seconds"] = round(time.time() - t0, 1)
+    data_json["timings"]["prepare_seconds"] = round(t_prep, 1)
+    fj.write_text(json.dumps(data_json, indent=1))
+    (figs / "findings.md").write_text(FD.report(data_json))
+    made = sorted(x.name for x in figs.glob("*.png"))
+    print(f"[kit] {len(made)} figures (PNG + PDF) in {figs}: {', '.join(made)}")
+    print(f"[kit] numbers: {fj}; verdicts: {figs / 'findings.md'}; executed notebooks: {figs / 'executed'}")
+    print(f"[kit] runs: {', '.join(ctx['runs'].values())}; {time.time() - t0:.0f} s in all")
     return 0

@@ -54,7 +54,8 @@ def _say(msg: str, quiet: bool) -> None:
 class Run:
     """An opened run directory with its model, tokenizer, tracked modules and tokenised documents."""
 
-    def __init__(self, path: Union[str, Path], cfg: FitConfig, quiet: bool = False):
+    def __init__(self, path: Union[str, Path], cfg: FitConfig, quiet: bool = False,
+                 documents: Optional[pd.DataFrame] = None):
         self.path, self.cfg, self.quiet = Path(path), cfg, quiet
         self.model, self.tokenizer = load_model(cfg.model, DTYPE[cfg.dtype], _device(cfg.device))
         self.modules = tracked_modules(self.model, cfg.modules)
@@ -62,9 +63,12 @@ class Run:
         self.max_tokens = cfg.max_tokens or min(512, ctx)
         if self.max_tokens > ctx:
             raise InputError(f"--max-tokens {self.max_tokens} exceeds the model's context of {ctx} tokens")
-        docs = load_corpus(cfg.corpus)
-        if cfg.n_docs is not None and cfg.n_docs < len(docs):
-            docs = docs.sample(n=cfg.n_docs, random_state=cfg.seed).sort_index().reset_index(drop=True)
+        if documents is not None:  # the run's own copy (documents.parquet): independent of the original file
+            docs = documents
+        else:
+            docs = load_corpus(cfg.corpus)
+            if cfg.n_docs is not None and cfg.n_docs < len(docs):
+                docs = docs.sample(n=cfg.n_docs, random_state=cfg.seed).sort_index().reset_index(drop=True)
         self.docs = tokenise_documents(docs, self.tokenizer, self.max_tokens, cfg.long_docs)
         self.factor_key = config_hash(
             model_fingerprint(self.model, self.modules), self.docs.fingerprint(), list(self.modules),
@@ -187,13 +191,25 @@ def _load_into(factors, path: Path, stage: str, tensors=None):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _run_documents(run: Path) -> Optional[pd.DataFrame]:
+    """The corpus a run was fitted on, rebuilt from its ``documents.parquet`` (one row per original document)."""
+    path = run / "documents.parquet"
+    if not path.exists():
+        return None
+    table = pd.read_parquet(path)
+    keep = ["parent_id", "text", "source"] + [c for c in table.columns if c not in (
+        "id", "parent_id", "text", "source", "n_tokens", "piece", "n_pieces", "truncated")]
+    docs = table.drop_duplicates("parent_id")[keep].rename(columns={"parent_id": "id"})
+    return load_corpus(docs.reset_index(drop=True))
+
+
 def open_run(run: Union[str, Path], quiet: bool = False) -> Run:
     run = Path(run)
     conf = _read_config(run)
     if "fit" not in conf:
         raise InputError(f"{run} is not a fitted run directory (no config.json with a fit); run `kit fit` first")
     cfg = from_dict(FitConfig, conf["fit"])
-    r = Run(run, cfg, quiet)
+    r = Run(run, cfg, quiet, documents=_run_documents(run))
     if r.factor_key != conf["factor_key"]:
         raise InputError(f"the model or corpus of {run} changed since it was fitted; run `kit fit` again")
     return r
@@ -228,7 +244,7 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
     qbatches = make_batches(qtok, cfg.query_batch_size, run.pad_id)
     pq, nats = influence.preconditioned_queries(run.model, run.modules, factors, qbatches, Q, damping, cfg.rank,
                                                 progress=not quiet)
-    table = qtok.table.copy()
+    table = _arrow_safe(qtok.table.copy())
     table["nats"] = nats.numpy()
     table.to_parquet(sdir / "queries.parquet")
 
@@ -255,6 +271,16 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
     _publish_queries(run_dir, sdir)
     _say(f"scored {Q} queries × {D} documents in {time.time() - t0:.1f}s → {sdir}", quiet)
     return sdir
+
+
+def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns mixing types (a numeric answer next to a country name) become strings, so parquet can store them."""
+    for c in df.columns:
+        if df[c].dtype == object:
+            kinds = {type(v) for v in df[c] if v is not None and not (isinstance(v, float) and np.isnan(v))}
+            if len(kinds) > 1 or (kinds and not (kinds <= {str} or kinds <= {bool})):
+                df[c] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in df[c]]
+    return df
 
 
 def _publish_queries(run_dir: Path, sdir: Path) -> None:

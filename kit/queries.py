@@ -636,7 +636,7 @@ def answer_queries(model, tokenizer, queries: pd.DataFrame, chat: bool = False, 
     q["completion"] = generate(model, tokenizer, list(q["prompt"]), max_new_tokens=max_new_tokens, progress=progress)
     q["nats"] = completion_nats(model, tokenizer, list(q["prompt"]), list(q["completion"]))
     graded = [grade_one(r.question, r.completion, r.task, getattr(r, "answer", None)) for r in q.itertuples()]
-    q["extracted"] = [g["extracted"] for g in graded]
+    q["extracted"] = [None if g["extracted"] is None else str(g["extracted"]) for g in graded]
     q["correct"] = [g["correct"] for g in graded]
     return q
 

@@ -261,3 +261,18 @@ def test_compute_write_and_report(tmp_path):
     assert "## F1" in text and "**holds**" in text and "**does not hold**" in text
     merged = FD.merge(j, {"F0_world": {"planted": {"accuracy": 1.0}}})
     assert merged["F0_world"]["planted"]["accuracy"] == 1.0 and "F1_correlations" in merged
+
+
+def test_source_verdict_on_planted_rankings():
+    D = 2000
+    srcs = np.array((["code", "stackexchange", "math_and_trivia", "wiki", "wiki"] * (D // 5)))
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((8, D)) * 0.01
+    procedural = np.flatnonzero(srcs != "wiki")
+    scores[:, procedural[:60]] += 1.0  # reasoning queries: the top 20 (1 %) are procedural sources only
+    run = FD.from_arrays(scores, ["slope"] * 8, sources=srcs)
+    s = sources.summarise(run, [0.01], n_boot=100)
+    holds, text = sources.verdict(s)
+    assert holds and "wiki 0.00×" in text  # each procedural source 5/3× on average
+    flat = FD.from_arrays(rng.standard_normal((8, D)), ["slope"] * 8, sources=srcs)
+    assert sources.verdict(sources.summarise(flat, [0.01], n_boot=100))[0] is False

@@ -1,37 +1,85 @@
-"""Every notebook executes headlessly (papermill) in smoke mode and writes its figures with provenance."""
+"""`make figures` in smoke mode: every notebook executes headlessly (papermill) on a tiny lab world, writes its
+figures with provenance and its keys in findings.json; `kit findings` computes the same from a run directory."""
 
 import json
 
 import pytest
 
-from kit.figures import NOTEBOOKS, ROOT, run_notebooks
+from kit.figures import NOTEBOOKS, PRESETS, ROOT, config_hash, prepare, run_notebooks
+
+FIGURES = {
+    "01_world_and_queries.ipynb": ["world_corpus_composition", "world_accuracy_by_task"],
+    "02_fit_and_score.ipynb": ["fit_eigenvalue_spectra_small", "score_distributions_large"],
+    "03_f1_correlations.ipynb": ["f1_pearson_heatmaps", "f1_spearman_heatmaps", "f1_within_task_means"],
+    "04_f2_magnitude.ipynb": ["f2_cumulative_influence", "f2_percent_of_total", "f2_negative_tail",
+                              "f2_powerlaw_rank_plots", "f2_powerlaw_slopes"],
+    "05_f3_answers.ipynb": ["f3_answers_in_top_k", "f3_fact_document_ranks"],
+    "06_f4_procedures.ipynb": ["f4_procedures_in_top_k"],
+    "07_f5_sources.ipynb": ["f5_sources_top", "f5_sources_bottom"],
+    "08_explorer.ipynb": [],
+}
+KEYS = ["F0_world", "F0_fit", "F1_correlations", "F2_magnitude", "F3_answers", "F4_procedures", "F5_sources",
+        "F0_explorer"]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(smoke_world, tmp_path_factory):
-    import kit
-
-    run = tmp_path_factory.mktemp("nbrun")
-    kit.fit(kit.FitConfig(model=smoke_world["model"], corpus=smoke_world["corpus"], batch_size=16), run, quiet=True)
-    kit.score(run, kit.ScoreConfig(queries=smoke_world["queries"]), quiet=True)
-    return run
+def smoke_ctx(tmp_path_factory):
+    return prepare(PRESETS["smoke"], tmp_path_factory.mktemp("data"), progress=False)
 
 
 def test_notebooks_are_committed_clean():
+    assert sorted(FIGURES) == NOTEBOOKS
     for nb in NOTEBOOKS:
         cells = json.loads((ROOT / "notebooks" / nb).read_text())["cells"]
         assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code"), nb
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), nb
+        assert cells[0]["cell_type"] == "markdown" and len("".join(cells[0]["source"])) > 300, nb
 
 
-def test_notebooks_execute_and_write_figures(smoke_run, tmp_path):
+def test_smoke_preset_builds_two_scored_runs(smoke_ctx):
+    import kit
+
+    assert sorted(smoke_ctx["runs"]) == ["large", "small"]
+    for name, run in smoke_ctx["runs"].items():
+        s = kit.load_scores(run, "per_nat")
+        assert s.shape[0] + len(smoke_ctx["dropped_queries"][name]) == 6 + 2 * 4 + 2 + 2 and s.shape[1] >= 800  # long documents are chunked
+    assert len(config_hash(PRESETS["smoke"], smoke_ctx["runs"])) == 12
+
+
+def test_notebooks_execute_write_figures_and_findings(smoke_ctx, tmp_path):
     from PIL import Image
 
-    executed = run_notebooks(smoke_run, tmp_path, "smoke")
+    fj = tmp_path / "findings.json"
+    executed = run_notebooks(smoke_ctx, tmp_path, "smoke", findings_json=fj, extra={"n_boot": 50})
     assert [p.name for p in executed] == NOTEBOOKS
-    for name in ("fit_eigenvalue_spectra", "score_distributions"):
-        png, pdf = tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"
-        assert png.stat().st_size > 10_000 and pdf.stat().st_size > 5_000
-        source = Image.open(png).info["Source"]
-        assert "notebooks/02_fit_and_score.ipynb" in source and str(smoke_run) in source
-        assert b"02_fit_and_score" in pdf.read_bytes()
+    for nb, names in FIGURES.items():
+        for name in names:
+            png, pdf = tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"
+            assert png.stat().st_size > 5_000 and pdf.stat().st_size > 3_000, name
+            source = Image.open(png).info["Source"]
+            assert f"notebooks/{nb}" in source and smoke_ctx["runs"]["small"] in source, name
+            assert nb.split(".")[0].encode() in pdf.read_bytes(), name
+    data = json.loads(fj.read_text())
+    for key in KEYS:
+        assert set(data[key]) >= {"small", "large"}, key
+    for key in KEYS[2:7]:
+        assert set(data["verdicts"][key]) == {"small", "large"}
+        assert all(v["holds"] in (True, False, None) and v["text"] for v in data["verdicts"][key].values())
+    assert "cross_model" in data["F1_correlations"]["small"]
+    assert "multiplier" in data["F2_magnitude"]["small"]
+    html = (tmp_path / "explorer_small.html").read_text()
+    assert "08_explorer" in html and "<table>" in html and "background:rgba" in html
+
+
+def test_kit_findings_cli_matches_the_notebooks(smoke_ctx, tmp_path, capsys):
+    from kit.cli import main
+
+    runs = smoke_ctx["runs"]
+    assert main(["findings", "--run", runs["small"], "--run", runs["large"], "--name", "small", "--name", "large",
+                 "--out", str(tmp_path), "--n-boot", "50"]) == 0
+    data = json.loads((tmp_path / "findings.json").read_text())
+    assert set(data["verdicts"]) == set(KEYS[2:7])
+    assert data["F3_answers"]["small"]["k"] == 10
+    assert "## F5" in (tmp_path / "findings.md").read_text()
+    assert main(["findings", "--run", str(tmp_path / "nope")]) == 2
+    assert "not a run directory" in capsys.readouterr().err

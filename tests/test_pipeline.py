@@ -155,3 +155,18 @@ def test_fit_on_a_seeded_sample_of_documents(smoke_world, tmp_path):
     assert ids == [i for i in corpus["id"] if i in set(ids)]  # corpus order kept
     assert main(["fit", "--model", smoke_world["model"], "--corpus", smoke_world["corpus"], "--out", str(run),
                  "--n-docs", "0"]) == 2
+
+
+def test_a_run_scores_from_its_own_documents_when_the_corpus_file_is_gone(smoke_world, tmp_path):
+    """The run keeps its documents (documents.parquet); the original corpus may move or change afterwards."""
+    import shutil
+
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(smoke_world["corpus"], corpus)
+    run = tmp_path / "own"
+    assert main(["fit", "--model", smoke_world["model"], "--corpus", str(corpus), "--out", str(run),
+                 "--n-docs", "24", "--batch-size", "8"]) == 0
+    corpus.unlink()
+    assert main(["score", "--run", str(run), "--queries", smoke_world["queries"]]) == 0
+    scores = kit.load_scores(run)
+    assert scores.shape[1] == 24 and np.isfinite(scores.to_numpy()).all()

@@ -138,7 +138,7 @@ def report(results: dict) -> str:
     lines = ["# Findings on this run", "",
              f"Configuration hash `{results.get('config_hash', '?')}`; runs: "
              + ", ".join(f"`{n}` ({v['n_queries']} queries × {v['n_documents']} documents, {v['path']})"
-                         for n, v in results.get("runs", {}).items()), "",
+                         if isinstance(v, dict) else f"`{n}` ({v})" for n, v in results.get("runs", {}).items()), "",
              "Each finding is tested as stated in the paper; *holds* / *does not hold* is decided by the test named "
              "in the line, never by closeness to the paper's figures.", ""]
     word = {True: "**holds**", False: "**does not hold**", None: "not testable"}

@@ -81,7 +81,7 @@ def verdict(summary: dict) -> tuple[Optional[bool], str]:
     if m.empty or "reasoning" not in set(m["group"]):
         return None, "not testable: needs reasoning queries"
     f0 = min(summary["fractions"])
-    sel = m[(m.group == "reasoning") & (m.tail == "top") & (m.fraction == f0)].set_index("source")
+    sel = m[(m["group"] == "reasoning") & (m["tail"] == "top") & (m["fraction"] == f0)].set_index("source")
     missing = [s for s in PROCEDURAL + ("wiki",) if s not in sel.index]
     if missing:
         return None, f"not testable: the documents have no {', '.join(missing)} source"

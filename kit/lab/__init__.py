@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 from ..corpus import InputError
 from .corpus import PRESETS, CorpusConfig, write_corpus
@@ -22,40 +22,53 @@ __all__ = ["PRESETS", "CorpusConfig", "write_corpus", "SIZES", "PretrainConfig",
            "answer_model_queries", "build_world"]
 
 
-def pretrain_models(world, sizes: Sequence[str] = ("small", "large"), progress: bool = True) -> Dict[str, dict]:
-    """Pretrain each size on ``world/corpus.parquet`` into ``world/models/SIZE`` (one shared tokenizer)."""
+def pretrain_models(world, sizes: Sequence[str] = ("small", "large"), progress: bool = True,
+                    configs: Optional[Dict[str, PretrainConfig]] = None) -> Dict[str, dict]:
+    """Pretrain each size on ``world/corpus.parquet`` into ``world/models/SIZE`` (one shared tokenizer).
+
+    ``configs`` maps a size name to its :class:`PretrainConfig` (default: :data:`SIZES`).
+    """
     world = Path(world)
     corpus = world / "corpus.parquet"
     if not corpus.exists():
         raise InputError(f"{corpus} does not exist; run `python -m kit build-corpus --out {world}` first")
+    configs = configs or SIZES
     out = {}
     for size in sizes:
-        if size not in SIZES:
-            raise InputError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
-        out[size] = pretrain(corpus, world / "models" / size, size, tokenizer_dir=world / "tokenizer",
-                             progress=progress)
+        if size not in configs:
+            raise InputError(f"unknown model size {size!r}; choose from {sorted(configs)}")
+        out[size] = pretrain(corpus, world / "models" / size, size, cfg=configs[size],
+                             tokenizer_dir=world / "tokenizer", progress=progress)
     return out
 
 
-def answer_model_queries(world, size: str, model_dir=None, counts=None, seed: int = 0, progress: bool = True):
-    """The size's query set (paper's tasks per size) answered greedily by the model -> ``queries-SIZE.jsonl``."""
+def answer_model_queries(world, size: str, model_dir=None, counts=None, seed: int = 0, progress: bool = True,
+                         chat: bool = False, min_docs: int = 10, tasks: Optional[Sequence[str]] = None):
+    """The size's query set (paper's tasks per size) answered greedily by the model -> ``queries-SIZE.jsonl``.
+
+    ``model_dir``: any model spec :func:`kit.models.load_model` takes (default ``world/models/SIZE``); ``chat``
+    wraps prompts in its chat template (instruct models); ``min_docs``: factual queries ask only about facts at
+    least that many documents state.
+    """
     from ..models import load_model
     from ..queries import MODEL_TASKS, QueryCounts, accuracy, answer_queries, lab_queries
 
     world = Path(world)
-    model_dir = Path(model_dir) if model_dir else world / "models" / size
+    model_dir = str(model_dir) if model_dir else str(world / "models" / size)
     counts = counts or QueryCounts()
+    tasks = tuple(tasks or MODEL_TASKS.get(size, ("arithmetic", "slope", "linear")))
     path = world / f"queries-{size}.jsonl"
     meta = world / f"queries-{size}.json"
-    trained = model_dir / "pretrain.json"
-    spec = {"model": str(model_dir.resolve()), "counts": counts.__dict__, "seed": seed,
+    trained = Path(model_dir) / "pretrain.json"
+    spec = {"model": str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir,
+            "counts": counts.__dict__, "seed": seed, "chat": chat, "min_docs": min_docs, "tasks": list(tasks),
             "trained": json.loads(trained.read_text())["spec"] if trained.exists() else None,
-            "corpus": json.loads((world / "corpus.json").read_text())["spec"], "version": 1}
+            "corpus": json.loads((world / "corpus.json").read_text())["spec"], "version": 2}
     if path.exists() and meta.exists() and json.loads(meta.read_text()).get("spec") == spec:
         return json.loads(meta.read_text())
-    model, tok = load_model(str(model_dir))
-    q = lab_queries(world, MODEL_TASKS.get(size, ("arithmetic", "slope", "linear")), counts, seed)
-    answered = answer_queries(model, tok, q, progress=progress)
+    model, tok = load_model(model_dir)
+    q = lab_queries(world, tasks, counts, seed, min_docs=min_docs)
+    answered = answer_queries(model, tok, q, chat=chat, progress=progress)
     answered.to_json(path, orient="records", lines=True, force_ascii=False)
     info = {"spec": spec, "queries": str(path), "accuracy": accuracy(answered)}
     meta.write_text(json.dumps(info, indent=1))

@@ -45,6 +45,11 @@ SIZES: Dict[str, PretrainConfig] = {
     "large": PretrainConfig(hidden=192, layers=4, heads=6, intermediate=576, batch_size=16, lr=2e-3, epochs=2.75),
     "tiny": PretrainConfig(hidden=32, layers=2, heads=4, intermediate=64, block=64, batch_size=16, warmup=10,
                            epochs=1.0, lr=3e-3),
+    # the smoke preset of `make figures` (seconds each): enough steps to answer in the task's format
+    "smoke_small": PretrainConfig(hidden=32, layers=2, heads=4, intermediate=64, block=64, batch_size=16, warmup=10,
+                                  epochs=6.0, lr=3e-3),
+    "smoke_large": PretrainConfig(hidden=48, layers=2, heads=4, intermediate=96, block=64, batch_size=16, warmup=10,
+                                  epochs=6.0, lr=3e-3, seed=1),
 }
 
 TOKENIZER_VOCAB = 2048
