@@ -148,7 +148,7 @@ def report(results: dict) -> str:
         if not per_model:
             lines += ["not computed on this run", ""]
             continue
-        lines.append(f"Test: {(module.verdict.__doc__ or '').strip().splitlines()[0]}")
+        lines.append(f"Test: {' '.join((module.verdict.__doc__ or '').split())}")
         lines.append("")
         for model, v in per_model.items():
             lines.append(f"- `{model}`: {word[v['holds']]} — {v['text']}")
