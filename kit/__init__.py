@@ -5,6 +5,7 @@ Main entry points::
     kit.fit(FitConfig(model=..., corpus=...), out="RUN")      # EK-FAC factors, cached and resumable
     kit.score("RUN", ScoreConfig(queries="Q.jsonl"))          # all queries × all documents in one pass
     kit.load_scores("RUN", kind="raw" | "per_nat" | "normalized")   # DataFrame, rows = queries, cols = documents
+    from kit import findings; findings.compute(findings.from_runs(["RUN"]))   # the five findings + verdicts
 """
 
 from .config import FitConfig, ScoreConfig

@@ -276,3 +276,17 @@ def test_source_verdict_on_planted_rankings():
     assert holds and "wiki 0.00×" in text  # each procedural source 5/3× on average
     flat = FD.from_arrays(rng.standard_normal((8, D)), ["slope"] * 8, sources=srcs)
     assert sources.verdict(sources.summarise(flat, [0.01], n_boot=100))[0] is False
+
+
+def test_bootstrap_intervals_do_not_depend_on_the_hash_seed():
+    """Seeded bootstraps repeat exactly across interpreter runs (task order must not follow set iteration)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from kit.findings import correlations as c; "
+            "X = np.random.default_rng(0).standard_normal((18, 300)); t = ['factual', 'arithmetic', 'slope'] * 6; "
+            "C = c.query_correlations(X); "
+            "print(c.within_difference(C, t, ['arithmetic', 'slope'], ['factual'], 200)['ci_low'])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": s}).stdout for s in ("1", "2", "3")}
+    assert len(outs) == 1

@@ -93,7 +93,7 @@ def within_difference(C: np.ndarray, tasks: Sequence[str], group_a: Sequence[str
         vals = vals[np.isfinite(vals)]
         return float(vals.mean()) if len(vals) else float("nan")
 
-    idx = {t: np.flatnonzero(tasks == t) for t in set(tasks)}
+    idx = {t: np.flatnonzero(tasks == t) for t in sorted(set(tasks))}  # sorted: seeded bootstraps repeat
     a, b = within(idx, group_a), within(idx, group_b)
     rng = np.random.default_rng(seed)
     diffs = []
