@@ -7,7 +7,7 @@ A run directory (``kit fit`` + ``kit score``) is enough; the lab world's ground-
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -49,7 +49,6 @@ class RunData:
     queries: pd.DataFrame
     documents: pd.DataFrame
     config_hash: str
-    raw: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def tasks(self) -> np.ndarray:
@@ -71,7 +70,6 @@ def load_run(run: Union[str, Path], name: Optional[str] = None, kind: str = "per
         raise InputError(f"{run} is not a run directory (no config.json); create one with `python -m kit fit`")
     sdir = scores_dir(run)
     df = load_scores(run, kind=kind, mmap=False)
-    raw = load_scores(run, kind="raw", mmap=False).to_numpy(dtype=np.float64)
     queries = pd.read_parquet(sdir / "queries.parquet")
     docs = pd.read_parquet(run / "documents.parquet")
     if "correct" not in queries.columns:  # grade what can be graded from the prompt alone
@@ -85,7 +83,7 @@ def load_run(run: Union[str, Path], name: Optional[str] = None, kind: str = "per
     key = conf.get("latest_scores", "")
     return RunData(name=name or run.name, path=str(run), kind=kind, scores=df.to_numpy(dtype=np.float64),
                    queries=queries.reset_index(drop=True), documents=docs.reset_index(drop=True),
-                   config_hash=f"{conf.get('factor_key', '')}/{key}", raw=raw)
+                   config_hash=f"{conf.get('factor_key', '')}/{key}")
 
 
 def from_arrays(scores: np.ndarray, tasks: Sequence[str], sources: Optional[Sequence[str]] = None,
@@ -101,7 +99,7 @@ def from_arrays(scores: np.ndarray, tasks: Sequence[str], sources: Optional[Sequ
     if texts is not None:
         docs["text"] = list(texts)
     return RunData(name=name, path="", kind="planted", scores=scores, queries=queries, documents=docs,
-                   config_hash="planted", raw=scores)
+                   config_hash="planted")
 
 
 def pair_runs(a: RunData, b: RunData) -> tuple[List[int], List[int], np.ndarray, np.ndarray]:
