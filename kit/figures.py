@@ -7,7 +7,7 @@ Presets (``--preset``, ``make figures PRESET=…``):
              damping, every MLP projection) fitted and scored on a seeded sample of the corpus (the paper, too,
              scores a sample of the pretraining data).
 ``smoke``    the same pipeline on a tiny world (800 documents, two tiny models, a few queries): every stage end
-             to end in about a minute. The test suite runs the notebooks on it.
+             to end in about two minutes. The test suite runs the notebooks on it.
 ``smollm2``  SmolLM2-135M-Instruct (``make smollm2``) on the lab corpus, chat template, a small document sample.
 
 Every stage is cached under ``data/`` by configuration: a second run reuses what is done, a killed run resumes.
