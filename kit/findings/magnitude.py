@@ -138,7 +138,10 @@ def summarise(run: RunData, n_top: int = 500, k_fraction: float = 0.01, other: O
            "ttest_slope_lsq": _ttest(fac["slope_lsq"], rea["slope_lsq"]),
            "ttest_slope_mle": _ttest(fac["slope_mle"], rea["slope_mle"])}
     if other is not None:
-        po = per_query(other, n_top, k_fraction)
+        # only the top-k totals of the other model are needed (no power-law fits)
+        k_o = k_from_fraction(k_fraction, other.scores.shape[1])
+        po = pd.DataFrame({"group": [group_of(t) for t in other.tasks],
+                           "top_k_total": [top_k_total(row, k_o) for row in other.scores]})
         mult = {}
         for g in ("factual", "reasoning", "control"):
             a, b = pq[pq.group == g]["top_k_total"].mean(), po[po.group == g]["top_k_total"].mean()

@@ -100,12 +100,13 @@ def per_query(run: RunData, k: int, procs: Optional[pd.DataFrame] = None) -> pd.
     """Per reasoning query: share of its top-k documents demonstrating its procedure (labels and rules)."""
     procs = procs if procs is not None else document_procedures(run)
     has_labels = procs["label"].notna().all()
+    correct = run.queries["correct"] if "correct" in run.queries else pd.Series([None] * len(run.queries))
     rows = []
     for i, task in enumerate(run.tasks):
         if task not in REASONING:
             continue
         top = np.argsort(-run.scores[i], kind="stable")[:k]
-        row = {"query": run.queries["id"].iloc[i], "task": task, "correct": run.queries.get("correct", pd.Series([None] * len(run.tasks))).iloc[i]}
+        row = {"query": run.queries["id"].iloc[i], "task": task, "correct": correct.iloc[i]}
         for col in (["label", "rules"] if has_labels else ["rules"]):
             match = (procs[col] == task).to_numpy()
             row[f"share_{col}"] = float(match[top].mean())
@@ -123,7 +124,7 @@ def summarise(run: RunData, k: Optional[int] = None, k_fraction: float = 2e-5, m
     procs = document_procedures(run)
     pq = per_query(run, k, procs)
     out = {"k": k, "by_task": {}, "agreement": agreement(procs).to_dict(orient="records")
-           if procs["label"].notna().all() else None}
+           if procs["label"].notna().all() else None, "queries": pq.to_dict(orient="records")}
     col = "label" if "share_label" in pq.columns else "rules"
     for t, part in pq.groupby("task"):
         entry = {"n_queries": int(len(part))}
