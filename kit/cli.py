@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help=_h(FitConfig, "seed"))
     f.add_argument("--dtype", default="float32", help=_h(FitConfig, "dtype"))
     f.add_argument("--device", default="auto", help=_h(FitConfig, "device"))
+    f.add_argument("--cache-gb", type=float, default=2.0, help=_h(FitConfig, "cache_gb"))
 
     s = sub.add_parser("score", help="score queries against every document of a fitted run")
     s.add_argument("--run", required=True, help="a run directory made by `fit`")
@@ -127,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             cfg = FitConfig(model=args.model, corpus=args.corpus, modules=args.modules, fisher=args.fisher,
                             damping=args.damping, n_docs=args.n_docs, max_tokens=args.max_tokens, long_docs=args.long_docs,
-                            batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device)
+                            batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
+                            cache_gb=args.cache_gb)
             out = fit(cfg, args.out)
             print(f"run directory: {out}")
         elif args.cmd == "score":

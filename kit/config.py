@@ -35,6 +35,9 @@ class FitConfig:
     dtype: str = _help("compute dtype of the model: float32, float64 or bfloat16", default="float32")
     device: str = _help("'auto' (cuda if available), 'cpu' or 'cuda'", default="auto")
     checkpoint_every: int = _help("save partial factors every N batches so a killed fit resumes", default=50)
+    cache_gb: float = _help("memory (on the compute device) for keeping the covariance pass's per-token activations "
+                            "and pseudo-gradients, so the eigenvalue-correction pass replays them instead of running "
+                            "the model again (identical factors); 0 disables", default=2.0)
 
     def validate(self) -> "FitConfig":
         if self.fisher not in ("sampled", "empirical"):
@@ -48,6 +51,8 @@ class FitConfig:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.n_docs is not None and self.n_docs < 1:
             raise InputError(f"--n-docs must be at least 1, got {self.n_docs}")
+        if not self.cache_gb >= 0:
+            raise InputError(f"--cache-gb must be a non-negative number of GiB, got {self.cache_gb!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         return self

@@ -103,12 +103,22 @@ def _nonfinite_message(model: nn.Module, batch: Batch) -> str:
 
 
 def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss_fn: Callable[[Batch], Tensor],
-             desc: str, start: int = 0, after_batch: Optional[Callable[[int, Batch, Tensor], None]] = None,
-             progress: bool = True) -> None:
-    """Forward + backward every batch with hooks that hand ``(layer, a, g)`` to ``callback``."""
+             desc: str, start: int = 0, after_batch: Optional[Callable[[int, Batch, Optional[Tensor]], None]] = None,
+             progress: bool = True, replay: Optional["TokenCache"] = None) -> None:
+    """Forward + backward every batch with hooks that hand ``(layer, a, g)`` to ``callback``.
+
+    Batches held in ``replay`` (a :class:`TokenCache` filled by an earlier pass over the same batches) are handed
+    to ``callback`` from memory instead, without a forward or backward; ``after_batch`` then gets ``None`` losses.
+    """
     device = next(model.parameters()).device
     with ekfac.hooks(model, modules, callback) as h:
         for i in tqdm(range(start, len(batches)), desc=desc, initial=start, total=len(batches), disable=not progress):
+            if replay is not None and i in replay:
+                for name, a, g in replay.pop(i):
+                    callback(name, a, g)
+                if after_batch is not None:
+                    after_batch(i, batches[i], None)
+                continue
             b = batches[i].to(device)
             h.set_mask(b.attention_mask)
             losses = loss_fn(b)
@@ -122,6 +132,46 @@ def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss
 # --------------------------------------------------------------------------------------------------------------
 
 
+class TokenCache:
+    """The per-token ``(layer, a, g)`` of whole batches, kept in memory up to ``budget_bytes``.
+
+    The covariance pass and the eigenvalue-correction pass see exactly the same ``a`` and ``g``: same documents,
+    same model, and for the true Fisher the same labels (drawn from generators seeded per document). Keeping them
+    from the first pass lets the second skip the forward + backward of every cached batch, with identical results.
+    Batches are kept in order until the budget is spent; the rest are recomputed.
+    """
+
+    def __init__(self, budget_bytes: float):
+        self.budget = float(budget_bytes)
+        self.used = 0
+        self.batches: Dict[int, List[Tuple[str, Tensor, Tensor]]] = {}
+        self._pending: List[Tuple[str, Tensor, Tensor]] = []
+        self.full = budget_bytes <= 0
+
+    def record(self, callback):
+        """Wrap a hook callback so that it also remembers what it was given."""
+        def wrapped(name: str, a: Tensor, g: Tensor) -> None:
+            callback(name, a, g)
+            if not self.full:
+                self._pending.append((name, a, g))
+        return wrapped
+
+    def commit(self, i: int) -> None:
+        """End of batch ``i``: keep its tensors if they fit, else stop caching (later batches are recomputed)."""
+        size = sum(a.numel() * a.element_size() + g.numel() * g.element_size() for _, a, g in self._pending)
+        if self._pending and self.used + size <= self.budget:
+            self.batches[i], self.used = self._pending, self.used + size
+        elif self._pending:
+            self.full = True
+        self._pending = []
+
+    def __contains__(self, i: int) -> bool:
+        return i in self.batches
+
+    def pop(self, i: int) -> List[Tuple[str, Tensor, Tensor]]:
+        return self.batches.pop(i)
+
+
 @dataclass
 class FitState:
     """Where a fit stands, so that a killed fit resumes; see :func:`fit_factors`."""
@@ -133,11 +183,15 @@ class FitState:
 def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequence[Batch], fisher: str = "sampled",
                 seed: int = 0, factors: Optional[Dict[str, ekfac.LayerFactors]] = None,
                 state: Optional[FitState] = None, checkpoint: Optional[Callable] = None,
-                checkpoint_every: int = 0, progress: bool = True) -> Dict[str, ekfac.LayerFactors]:
+                checkpoint_every: int = 0, progress: bool = True,
+                cache_bytes: float = 0) -> Dict[str, ekfac.LayerFactors]:
     """Covariances → eigendecomposition → corrected eigenvalues over ``batches`` of documents.
 
     ``checkpoint(state, factors)`` is called every ``checkpoint_every`` batches and at the end of each stage;
-    passing back the saved ``factors`` and ``state`` resumes where it stopped.
+    passing back the saved ``factors`` and ``state`` resumes where it stopped. With ``cache_bytes > 0`` the
+    covariance pass keeps up to that many bytes of per-token ``(a, g)`` (:class:`TokenCache`) and the correction
+    pass replays them instead of recomputing those batches: same factors, one forward + backward fewer per
+    cached batch.
     """
     if fisher not in ("sampled", "empirical"):
         raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
@@ -156,16 +210,23 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 checkpoint(FitState(state.stage, i + 1), factors)
         return after
 
+    cache = TokenCache(cache_bytes)
     if state.stage == "covariance":
-        run_pass(model, modules, batches, ekfac.accumulate_covariances(factors), loss_fn, "EK-FAC covariances",
-                 start=state.next_batch, after_batch=counting("covariance"), progress=progress)
+        count = counting("covariance")
+
+        def after_covariance(i, b, losses):
+            cache.commit(i)
+            count(i, b, losses)
+
+        run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
+                 "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance, progress=progress)
         ekfac.eigendecompose(factors, progress=progress)
         state = FitState("lambda", 0)
         if checkpoint is not None:
             checkpoint(state, factors)
     if state.stage == "lambda":
         run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn, "EK-FAC eigenvalue correction",
-                 start=state.next_batch, after_batch=counting("lambda"), progress=progress)
+                 start=state.next_batch, after_batch=counting("lambda"), progress=progress, replay=cache)
         ekfac.finalise_lambda(factors)
         state = FitState("done", 0)
         if checkpoint is not None:

@@ -123,7 +123,7 @@ def fit(cfg: FitConfig, out: Union[str, Path], quiet: bool = False) -> Path:
 
     t0 = time.time()
     influence.fit_factors(run.model, run.modules, run.doc_batches(), cfg.fisher, cfg.seed, factors, state,
-                          checkpoint, cfg.checkpoint_every, progress=not quiet)
+                          checkpoint, cfg.checkpoint_every, progress=not quiet, cache_bytes=cfg.cache_gb * 2**30)
     _say(f"factors fitted in {time.time() - t0:.1f}s → {fdir}", quiet)
     return out
 

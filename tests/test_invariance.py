@@ -98,3 +98,29 @@ def test_batched_query_preconditioning_equals_all_at_once(smoke_world):
             for name in run.modules:  # float32 model: padding changes the last bits
                 ref = whole.layer(name)
                 torch.testing.assert_close(pq.layer(name), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_token_cache_gives_identical_factors_and_skips_forwards(setup, fisher):
+    """Replaying the covariance pass's (a, g) in the correction pass equals recomputing them, and saves passes."""
+    model, mods, docs, queries = setup
+    batches = make_batches(docs, 4, 0)  # 5 batches
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        results = {}
+        for budget in (0, 3e5, 1e9):  # none, some batches, all batches
+            calls.clear()
+            f = influence.fit_factors(model, mods, batches, fisher=fisher, seed=3, progress=False, cache_bytes=budget)
+            results[budget] = (f, len(calls))
+    finally:
+        handle.remove()
+    base, n0 = results[0]
+    assert n0 == 2 * len(batches)  # covariance pass + correction pass
+    assert results[1e9][1] == len(batches)  # the correction pass ran no forward at all
+    assert len(batches) < results[3e5][1] < 2 * len(batches)  # part cached, the rest recomputed
+    for budget in (3e5, 1e9):
+        f = results[budget][0]
+        for name in mods:
+            torch.testing.assert_close(f[name].Lambda, base[name].Lambda, rtol=1e-12, atol=0)
+            assert f[name].n_sequences == base[name].n_sequences == len(docs.ids)
