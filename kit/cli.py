@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--tasks", nargs="+", default=["arithmetic", "slope", "linear"], help="reasoning tasks (with --world)")
     qa.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template (instruct models)")
     qa.add_argument("--factual", type=int, default=40)
+    qa.add_argument("--min-docs", type=int, default=15, help="factual questions only about facts at least this many "
+                    "corpus documents state (with --world)")
     qa.add_argument("--reasoning", type=int, default=20)
     qa.add_argument("--controls", type=int, default=10)
     qa.add_argument("--max-new-tokens", type=int, default=128)
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--factual", type=int, help="factual queries per model")
     g.add_argument("--reasoning", type=int, help="queries per reasoning task per model")
     g.add_argument("--controls", type=int, help="factual and reasoning controls per model (each)")
+    g.add_argument("--min-docs", type=int, help="factual queries only about facts this many documents state")
     _findings_args(g)
 
     fd = sub.add_parser("findings", help="compute the five findings of scored run directories -> findings.json/.md")
@@ -189,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise InputError("pass exactly one of --world (a lab world's query set) or --queries (a jsonl)")
             if args.world:
                 q = lab_queries(args.world, args.tasks, QueryCounts(args.factual, args.reasoning, args.controls,
-                                                                    args.controls))
+                                                                    args.controls), min_docs=args.min_docs)
             else:
                 from .corpus import read_table
 
@@ -213,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .config import parse_rank
             from .figures import main as figures_main
 
-            over = {k: getattr(args, k) for k in ("n_docs", "fisher", "factual", "reasoning", "controls")
+            over = {k: getattr(args, k) for k in ("n_docs", "fisher", "factual", "reasoning", "controls", "min_docs")
                     if getattr(args, k) is not None}
             if args.query_rank is not None:
                 over["query_rank"] = parse_rank(args.query_rank)

@@ -43,7 +43,8 @@ class Preset:
     factual: int = field(default=40, metadata={"help": "factual queries per model"})
     reasoning: int = field(default=20, metadata={"help": "queries per reasoning task per model"})
     controls: int = field(default=10, metadata={"help": "factual and reasoning controls per model (each)"})
-    min_docs: int = field(default=10, metadata={"help": "factual queries only about facts this many documents state"})
+    min_docs: int = field(default=15, metadata={"help": "factual queries only about facts this many documents state "
+                                                                "(benchmarks/fact_recall.py: recall by frequency)"})
     chat: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat template"})
     n_docs: Optional[int] = field(default=4000, metadata={"help": "documents fitted and scored (seeded sample)"})
     fisher: str = field(default="sampled", metadata={"help": "sampled (true Fisher, the paper) or empirical"})

@@ -515,7 +515,7 @@ class QueryCounts:
 
 
 def lab_queries(world_dir, tasks: Sequence[str] = ("arithmetic", "slope"), counts: QueryCounts = QueryCounts(),
-                seed: int = 0, min_docs: int = 10) -> pd.DataFrame:
+                seed: int = 0, min_docs: int = 15) -> pd.DataFrame:
     """The lab's query set: ``id``, ``task``, ``prompt``, ``answer``, ``steps`` (step answers, JSON), ``fact``.
 
     Factual questions ask about facts that at least ``min_docs`` corpus documents state (the corpus summary

@@ -141,6 +141,16 @@ def test_lab_queries_follow_the_paper_templates(tmp_path):
     summary = json.loads((tmp_path / "corpus.json").read_text())
     for key in q.loc[q["task"] == "factual", "fact"]:
         assert summary["docs_stating_fact"][key] >= 2
+    # a stricter threshold keeps only facts stated that often, and one no fact meets says so
+    counts = sorted(summary["docs_stating_fact"].values())
+    strict = counts[-30]
+    q2 = lab_queries(tmp_path, ("linear",), QueryCounts(factual=4, reasoning=1, factual_control=0, reasoning_control=0),
+                     min_docs=strict)
+    assert all(summary["docs_stating_fact"][k] >= strict for k in q2.loc[q2["task"] == "factual", "fact"])
+    from kit.corpus import InputError
+
+    with pytest.raises(InputError, match=f"stated by >= {counts[-1] + 1} documents"):
+        lab_queries(tmp_path, ("linear",), QueryCounts(factual=1, reasoning=1), min_docs=counts[-1] + 1)
 
 
 def test_tokenizer_splits_every_digit():

@@ -43,7 +43,7 @@ def pretrain_models(world, sizes: Sequence[str] = ("small", "large"), progress: 
 
 
 def answer_model_queries(world, size: str, model_dir=None, counts=None, seed: int = 0, progress: bool = True,
-                         chat: bool = False, min_docs: int = 10, tasks: Optional[Sequence[str]] = None):
+                         chat: bool = False, min_docs: int = 15, tasks: Optional[Sequence[str]] = None):
     """The size's query set (paper's tasks per size) answered greedily by the model -> ``queries-SIZE.jsonl``.
 
     ``model_dir``: any model spec :func:`kit.models.load_model` takes (default ``world/models/SIZE``); ``chat``
