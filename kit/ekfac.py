@@ -64,6 +64,7 @@ __all__ = [
     "accumulate_lambda",
     "damping_value",
     "dense_ekfac_matrix",
+    "truncated_svd",
     "FactorError",
 ]
 
@@ -198,6 +199,21 @@ class LayerFactors:
         rotated = rotated / (lam.to(V.dtype) + damp)
         return Q_S @ rotated @ Q_A.T
 
+    def precondition_low_rank(self, V: Tensor, rank: int, damping: Union[str, float] = "heuristic",
+                              kfac: bool = False, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Rank-``r`` factors ``L (…, d_out, r)``, ``R (…, r, d_in)`` of the preconditioned ``V`` (eq. 2), ``P ≈ L R``.
+
+        ``P = Q_S M Q_Aᵀ`` with ``M = (Q_Sᵀ V Q_A) ⊘ (Λ + λ)``, and ``Q_S``, ``Q_A`` are orthogonal, so ``P`` and
+        ``M`` have the same singular values and the truncated SVD of ``P`` is ``Q_S U_r · diag(s_r) · V_rᵀ Q_Aᵀ``
+        with ``U_r s_r V_rᵀ`` that of ``M``: the dense ``P`` is never rotated back, and the SVD is the randomised
+        one of :func:`truncated_svd`.
+        """
+        lam = self.kfac_eigenvalues() if kfac else self.Lambda
+        Q_S, Q_A = self.Q_S.to(V.dtype), self.Q_A.to(V.dtype)
+        M = (Q_S.T @ V @ Q_A) / (lam.to(V.dtype) + damping_value(lam, damping))
+        U, s, Vh = truncated_svd(M, rank, seed=seed)
+        return Q_S @ (U * s.unsqueeze(-2)), Vh @ Q_A.T
+
     def kfac_eigenvalues(self) -> Tensor:
         """KFAC's eigenvalues ``λ_S[i] λ_A[j]``, scaled to the per-sequence Fisher by tokens per sequence."""
         tokens_per_seq = self.n_tokens / max(self.n_sequences, 1)
@@ -219,6 +235,31 @@ class LayerFactors:
             self.n_sequences = count
         else:
             self.n_tokens = count
+
+
+def truncated_svd(M: Tensor, rank: int, oversample: int = 10, power_iters: int = 3,
+                  seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-``r`` truncated SVD ``M ≈ U diag(s) Vᵀ`` of a batch of matrices ``(…, m, n)``: ``U (…, m, r)``,
+    ``s (…, r)``, ``Vᵀ (…, r, n)``.
+
+    Randomised (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1): an orthonormal basis ``Y`` of the
+    range of ``M`` comes from ``M Ω`` for a Gaussian ``Ω`` with ``r + oversample`` columns (seeded: the result
+    is deterministic), sharpened by ``power_iters`` rounds of ``M Mᵀ``; the exact SVD of the small ``Yᵀ M`` then
+    gives the factors. It costs ``O(m n (r + oversample))`` instead of a full SVD's ``O(m n min(m, n))``. When
+    ``r + oversample`` reaches ``min(m, n)`` the full SVD is used.
+    """
+    m, n = M.shape[-2:]
+    k = rank + oversample
+    if k >= min(m, n):
+        U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[..., :rank], s[..., :rank], Vh[..., :rank, :]
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=M.device, dtype=M.dtype)
+    Y = torch.linalg.qr(M @ omega).Q
+    for _ in range(power_iters):
+        Y = torch.linalg.qr(M @ torch.linalg.qr(M.mT @ Y).Q).Q
+    Ub, s, Vh = torch.linalg.svd(Y.mT @ M, full_matrices=False)
+    return (Y @ Ub)[..., :rank], s[..., :rank], Vh[..., :rank, :]
 
 
 def new_factors(modules: Dict[str, nn.Module]) -> Dict[str, LayerFactors]:

@@ -289,13 +289,10 @@ def precondition_queries(factors: Dict[str, ekfac.LayerFactors], grads: Dict[str
     (Grosse et al. §3.2.2) so that many queries fit in memory."""
     out = PreconditionedQueries(rank=rank)
     for name, G in grads.items():
-        P = factors[name].precondition(G, damping, kfac=kfac)
-        if rank is None or rank >= min(P.shape[1:]):  # the rank does not bind: keep P exactly
-            out.full[name] = P
-            continue
-        U, s, Vh = torch.linalg.svd(P, full_matrices=False)
-        out.left[name] = U[:, :, :rank] * s[:, None, :rank]
-        out.right[name] = Vh[:, :rank, :]
+        if rank is None or rank >= min(G.shape[1:]):  # the rank does not bind: keep P exactly
+            out.full[name] = factors[name].precondition(G, damping, kfac=kfac)
+        else:
+            out.left[name], out.right[name] = factors[name].precondition_low_rank(G, rank, damping, kfac=kfac)
     return out
 
 
