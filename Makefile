@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-peers.txt pyproject.toml
 venv: $(STAMP)
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	KIT_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q tests
 
 figures: venv $(if $(filter smollm2,$(PRESET)),smollm2)
 	$(BIN)/python -m kit figures --preset $(PRESET) $(ARGS)

@@ -4,4 +4,12 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+code = main()
+try:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+except ImportError:  # pragma: no cover
+    pass
+sys.exit(code)

@@ -32,20 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-tokens", type=int, default=None, help=_h(FitConfig, "max_tokens"))
     f.add_argument("--long-docs", choices=["chunk", "truncate"], default="chunk", help=_h(FitConfig, "long_docs"))
     f.add_argument("--batch-size", type=int, default=8, help=_h(FitConfig, "batch_size"))
+    f.add_argument("--max-batch-tokens", type=int, default=None, help=_h(FitConfig, "max_batch_tokens"))
     f.add_argument("--seed", type=int, default=0, help=_h(FitConfig, "seed"))
     f.add_argument("--dtype", default="float32", help=_h(FitConfig, "dtype"))
+    f.add_argument("--factor-dtype", default="float32", help=_h(FitConfig, "factor_dtype"))
+    f.add_argument("--keep-covariances", action="store_true", help=_h(FitConfig, "keep_covariances"))
     f.add_argument("--device", default="auto", help=_h(FitConfig, "device"))
     f.add_argument("--cache-gb", type=float, default=2.0, help=_h(FitConfig, "cache_gb"))
+    f.add_argument("--checkpoint-every", type=int, default=50, help=_h(FitConfig, "checkpoint_every"))
+    _nproc_arg(f)
 
-    s = sub.add_parser("score", help="score queries against every document of a fitted run")
-    s.add_argument("--run", required=True, help="a run directory made by `fit`")
+    s = sub.add_parser("score", help="score queries against every document of a fitted run (or of --corpus)")
+    s.add_argument("--run", "--run-dir", dest="run", required=True, help="a run directory made by `fit` (under torchrun "
+                   "spell it --run-dir: torchrun's own parser mistakes --run for its --run-path)")
     s.add_argument("--queries", required=True, help=_h(ScoreConfig, "queries"))
+    s.add_argument("--corpus", default=None, help=_h(ScoreConfig, "corpus"))
     s.add_argument("--query-rank", default="full", help=_h(ScoreConfig, "query_rank"))
     s.add_argument("--batch-size", type=int, default=0, help=_h(ScoreConfig, "batch_size"))
+    s.add_argument("--top-k", type=int, default=1000, help=_h(ScoreConfig, "top_k"))
+    s.add_argument("--device", default=None, help=_h(ScoreConfig, "device"))
+    s.add_argument("--dtype", default=None, help=_h(ScoreConfig, "dtype"))
+    _nproc_arg(s)
 
     r = sub.add_parser("rescore", help="re-score each query's top documents with full-rank query gradients")
-    r.add_argument("--run", required=True)
+    r.add_argument("--run", "--run-dir", dest="run", required=True)
     r.add_argument("--top", type=int, default=100, help="documents per query")
+    r.add_argument("--device", default=None, help="compute device (default: the fit's)")
+    r.add_argument("--dtype", default=None, help="model dtype (default: the fit's)")
 
     m = sub.add_parser("smoke", help="build a tiny world (corpus, tokenizer, tiny Llama) and fit + score it")
     m.add_argument("--out", default="data/smoke", help="where the tiny world and its run go")
@@ -102,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _nproc_arg(p) -> None:
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine: relaunches the command under "
+                   "`torchrun --standalone --nproc_per_node N` (for several nodes call torchrun yourself)")
+
+
 def _findings_args(p) -> None:
     from .findings import FindingsConfig
 
@@ -124,27 +142,41 @@ def _findings_config(args):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun … -m kit -- score …`: everything after -- is ours
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", 1) != 1:
+            from . import distributed
+
+            if args.nproc < 1:
+                raise InputError(f"--nproc must be at least 1, got {args.nproc}")
+            if not distributed.launched():
+                rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
+                        and (i == 0 or argv[i - 1] != "--nproc")]
+                return distributed.launch(["--"] + rest, args.nproc)
         if args.cmd == "fit":
             from .pipeline import fit
 
             cfg = FitConfig(model=args.model, corpus=args.corpus, modules=args.modules, fisher=args.fisher,
                             damping=args.damping, n_docs=args.n_docs, max_tokens=args.max_tokens, long_docs=args.long_docs,
-                            batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
-                            cache_gb=args.cache_gb)
+                            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, seed=args.seed,
+                            dtype=args.dtype, factor_dtype=args.factor_dtype, keep_covariances=args.keep_covariances,
+                            device=args.device, cache_gb=args.cache_gb, checkpoint_every=args.checkpoint_every)
             out = fit(cfg, args.out)
-            print(f"run directory: {out}")
+            _main_print(f"run directory: {out}")
         elif args.cmd == "score":
             from .pipeline import score
 
             sdir = score(args.run, ScoreConfig(queries=args.queries, query_rank=args.query_rank,
-                                               batch_size=args.batch_size))
-            print(f"scores: {sdir}  (kit.load_scores({str(args.run)!r}) reads them)")
+                                               batch_size=args.batch_size, corpus=args.corpus, top_k=args.top_k,
+                                               device=args.device, dtype=args.dtype))
+            _main_print(f"scores: {sdir}  (kit.load_scores({str(args.run)!r}) reads them)")
         elif args.cmd == "rescore":
-            from .pipeline import rescore_top
+            from .pipeline import open_run, rescore_top
 
-            out = rescore_top(args.run, args.top)
+            out = rescore_top(args.run, args.top, run=open_run(args.run, device=args.device, dtype=args.dtype))
             print(out.groupby("query")[["score_lowrank", "score_full"]].corr().iloc[0::2, -1].describe().to_string())
         elif args.cmd == "smoke":
             from .pipeline import fit, score
@@ -237,3 +269,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _main_print(msg: str) -> None:
+    from . import distributed
+
+    if distributed.current().main:
+        print(msg)

@@ -31,9 +31,16 @@ class FitConfig:
     max_tokens: Optional[int] = _help("tokens per document (the context); default min(512, model context)", default=None)
     long_docs: str = _help("documents longer than max_tokens: 'chunk' into pieces or 'truncate'", default="chunk")
     batch_size: int = _help("documents per forward/backward pass", default=8)
+    max_batch_tokens: Optional[int] = _help("also cap a batch at this many padded tokens (batches of long documents "
+                                            "get fewer documents); default no cap", default=None)
     seed: int = _help("seed for the labels sampled for the true Fisher", default=0)
-    dtype: str = _help("compute dtype of the model: float32, float64 or bfloat16", default="float32")
-    device: str = _help("'auto' (cuda if available), 'cpu' or 'cuda'", default="auto")
+    dtype: str = _help("dtype of the model's forward/backward: float32, bfloat16, float16 (or float64 for tests); "
+                       "factors are accumulated in float32 whatever it is", default="float32")
+    factor_dtype: str = _help("dtype the factors are accumulated and stored in: float32, or float64 (tests)",
+                              default="float32")
+    keep_covariances: bool = _help("store A and S next to their eigenbases (not needed for scoring)", default=False)
+    device: str = _help("'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process "
+                        "takes cuda:LOCAL_RANK", default="auto")
     checkpoint_every: int = _help("save partial factors every N batches so a killed fit resumes", default=50)
     cache_gb: float = _help("memory (on the compute device) for keeping the covariance pass's per-token activations "
                             "and pseudo-gradients, so the eigenvalue-correction pass replays them instead of running "
@@ -55,6 +62,12 @@ class FitConfig:
             raise InputError(f"--cache-gb must be a non-negative number of GiB, got {self.cache_gb!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.factor_dtype not in ("float32", "float64"):
+            raise InputError(f"--factor-dtype must be float32 or float64, got {self.factor_dtype!r}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise InputError(f"--max-batch-tokens must be at least 1, got {self.max_batch_tokens}")
+        if not isinstance(self.device, str) or not self.device:
+            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
 
@@ -67,9 +80,20 @@ class ScoreConfig:
     batch_size: int = _help("documents per forward/backward pass (default: the fit's)", default=0)
     query_batch_size: int = _help("queries per pass when computing query gradients", default=8)
     memory_budget_gb: float = _help("refuse full-rank queries whose preconditioned gradients exceed this", default=8.0)
+    corpus: Optional[str] = _help("score this corpus (jsonl, parquet or a saved HF dataset) with the fitted factors "
+                                  "instead of the fit corpus", default=None)
+    top_k: int = _help("documents kept per query and side in topk.parquet", default=1000)
+    device: Optional[str] = _help("compute device (default: the fit's)", default=None)
+    dtype: Optional[str] = _help("model dtype for scoring (default: the fit's)", default=None)
 
     def validate(self) -> "ScoreConfig":
         self.query_rank = parse_rank(self.query_rank)
+        if self.batch_size < 0:
+            raise InputError(f"--batch-size must be at least 1 (or 0 for the fit's), got {self.batch_size}")
+        if self.top_k < 1:
+            raise InputError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         return self
 
     @property
@@ -86,9 +110,10 @@ def parse_damping(value: Union[str, float]) -> Union[str, float]:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"--damping must be 'heuristic' or a non-negative number, got {value!r}") from None
-    if not v >= 0:
-        raise InputError(f"--damping must be 'heuristic' or a non-negative number, got {value!r}")
+        raise InputError(f"--damping must be 'heuristic' or a positive number, got {value!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise InputError(f"--damping must be 'heuristic' or a positive number, got {value!r} (with 0 EK-FAC's inverse "
+                         "does not exist wherever a corrected eigenvalue is 0)")
     return v
 
 

@@ -23,7 +23,8 @@ weights, ``F = E_n[vec(G_n) vec(G_n)ᵀ]``, which has ``(d_out·d_in)²`` entrie
    the model's own predictive distribution; the *empirical* Fisher uses the document's real next tokens.
 
 2. **Eigenbasis** (:func:`eigendecompose`). In float64, ``A = Q_A diag(λ_A) Q_Aᵀ`` and
-   ``S = Q_S diag(λ_S) Q_Sᵀ``. KFAC's eigenvalues would be the products ``λ_S[i]·λ_A[j]``.
+   ``S = Q_S diag(λ_S) Q_Sᵀ``. KFAC's eigenvalues would be the products ``λ_S[i]·λ_A[j]``. ``A`` and ``S``
+   themselves are no longer needed after this step (and dropped unless asked to keep them).
 
 3. **Corrected eigenvalues** (:func:`accumulate_lambda`). KFAC's eigenbasis is kept, but its eigenvalues
    are replaced by the exact second moments of the per-sequence gradients in that basis:
@@ -44,6 +45,12 @@ The influence of a training document ``z`` on a query ``q`` is then the sum over
 Layers: ``nn.Linear`` stores ``W`` as ``(d_out, d_in)``; Hugging Face GPT-2's ``Conv1D`` stores it transposed
 ``(d_in, d_out)``. Hooks see both as ``s = W a (+ b)`` with the same ``a`` and ``g``; everything in this module
 uses the ``(d_out, d_in)`` convention.
+
+Precision: each layer's factors carry a ``dtype`` (float32 by default, float64 in the tests). Whatever the
+model's own dtype (a bfloat16 or float16 model included), ``a`` and ``g`` are cast to it before they are
+multiplied, so covariances, Λ, preconditioning and scores are sums in float32 (float16 sums overflow, bfloat16
+sums lose digits); the eigendecomposition always runs in float64. Nothing here moves tensors between devices:
+the factors live on the device of the ``a`` and ``g`` they are made from (see :meth:`LayerFactors.to`).
 """
 
 from __future__ import annotations
@@ -162,10 +169,10 @@ class TokenHooks:
 
 @dataclass
 class LayerFactors:
-    """Everything EK-FAC knows about one tracked layer (all float64).
+    """Everything EK-FAC knows about one tracked layer, in ``dtype``.
 
     ``A``/``S`` are *sums* over tokens until :func:`eigendecompose` divides them by ``n_tokens``;
-    ``lambda_sum`` is a sum over sequences until divided by ``n_sequences``.
+    ``Lambda`` is a sum over sequences until :func:`finalise_lambda` divides it by ``n_sequences``.
     """
 
     name: str
@@ -180,6 +187,16 @@ class LayerFactors:
     eig_S: Optional[Tensor] = None
     Lambda: Optional[Tensor] = None  # corrected eigenvalues E_n[(Q_Sᵀ G_n Q_A)²]
     n_sequences: int = 0
+    dtype: torch.dtype = torch.float32  # accumulation and storage dtype of every tensor above
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LayerFactors":
+        """Move (and cast) every tensor of the layer, in place; returns ``self``."""
+        self.dtype = dtype or self.dtype
+        for k in ("A", "S", "Q_A", "eig_A", "Q_S", "eig_S", "Lambda"):
+            t = getattr(self, k)
+            if t is not None:
+                setattr(self, k, t.to(device=device, dtype=self.dtype))
+        return self
 
     # -- damping and preconditioning ---------------------------------------------------------------------------
     def damping(self, damping: Union[str, float] = "heuristic") -> float:
@@ -190,14 +207,17 @@ class LayerFactors:
 
         With ``kfac=True`` the KFAC eigenvalues ``λ_S ⊗ λ_A`` replace the corrected ``Λ`` (for comparison).
         """
-        lam = self.kfac_eigenvalues() if kfac else self.Lambda
-        if lam is None:
-            raise FactorError(f"layer {self.name}: corrected eigenvalues are missing; fit the factors first")
-        damp = damping_value(lam, damping)
-        Q_S, Q_A = self.Q_S.to(V.dtype), self.Q_A.to(V.dtype)
-        rotated = Q_S.T @ V @ Q_A
-        rotated = rotated / (lam.to(V.dtype) + damp)
-        return Q_S @ rotated @ Q_A.T
+        lam = self._eigenvalues(kfac)
+        V = V.to(self.dtype)
+        rotated = self.Q_S.T @ V @ self.Q_A
+        rotated = rotated / (lam + damping_value(lam, damping))
+        return self.Q_S @ rotated @ self.Q_A.T
+
+    def _eigenvalues(self, kfac: bool) -> Tensor:
+        if self.Q_S is None or (not kfac and self.Lambda is None):
+            raise FactorError(f"layer {self.name}: the {'eigenbasis' if self.Q_S is None else 'corrected eigenvalues'}"
+                              " are missing; fit the factors first (`kit fit`)")
+        return self.kfac_eigenvalues() if kfac else self.Lambda
 
     def precondition_low_rank(self, V: Tensor, rank: int, damping: Union[str, float] = "heuristic",
                               kfac: bool = False, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -208,20 +228,20 @@ class LayerFactors:
         with ``U_r s_r V_rᵀ`` that of ``M``: the dense ``P`` is never rotated back, and the SVD is the randomised
         one of :func:`truncated_svd`.
         """
-        lam = self.kfac_eigenvalues() if kfac else self.Lambda
-        Q_S, Q_A = self.Q_S.to(V.dtype), self.Q_A.to(V.dtype)
-        M = (Q_S.T @ V @ Q_A) / (lam.to(V.dtype) + damping_value(lam, damping))
+        lam = self._eigenvalues(kfac)
+        M = (self.Q_S.T @ V.to(self.dtype) @ self.Q_A) / (lam + damping_value(lam, damping))
         U, s, Vh = truncated_svd(M, rank, seed=seed)
-        return Q_S @ (U * s.unsqueeze(-2)), Vh @ Q_A.T
+        return self.Q_S @ (U * s.unsqueeze(-2)), Vh @ self.Q_A.T
 
     def kfac_eigenvalues(self) -> Tensor:
         """KFAC's eigenvalues ``λ_S[i] λ_A[j]``, scaled to the per-sequence Fisher by tokens per sequence."""
         tokens_per_seq = self.n_tokens / max(self.n_sequences, 1)
         return torch.outer(self.eig_S, self.eig_A) * tokens_per_seq
 
-    def state_dict(self, stage: str) -> Dict[str, Tensor]:
+    def state_dict(self, stage: str, dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
+        """The tensors of one stage (``covariance``, ``eigen``, ``lambda``) for saving, cast to ``dtype``."""
         keys = {"covariance": ["A", "S"], "eigen": ["Q_A", "eig_A", "Q_S", "eig_S"], "lambda": ["Lambda"]}[stage]
-        out = {f"{self.name}/{k}": getattr(self, k).contiguous() for k in keys}
+        out = {f"{self.name}/{k}": getattr(self, k).to(dtype or self.dtype).contiguous() for k in keys}
         counts = {"covariance": self.n_tokens, "eigen": self.n_tokens, "lambda": self.n_sequences}[stage]
         out[f"{self.name}/count_{stage}"] = torch.tensor(counts, dtype=torch.int64)
         return out
@@ -229,7 +249,7 @@ class LayerFactors:
     def load_state(self, stage: str, tensors: Dict[str, Tensor]) -> None:
         keys = {"covariance": ["A", "S"], "eigen": ["Q_A", "eig_A", "Q_S", "eig_S"], "lambda": ["Lambda"]}[stage]
         for k in keys:
-            setattr(self, k, tensors[f"{self.name}/{k}"].to(torch.float64))
+            setattr(self, k, tensors[f"{self.name}/{k}"].to(self.dtype))
         count = int(tensors[f"{self.name}/count_{stage}"])
         if stage == "lambda":
             self.n_sequences = count
@@ -253,7 +273,7 @@ def truncated_svd(M: Tensor, rank: int, oversample: int = 10, power_iters: int =
     if k >= min(m, n):
         U, s, Vh = torch.linalg.svd(M, full_matrices=False)
         return U[..., :rank], s[..., :rank], Vh[..., :rank, :]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same Ω whatever the device
     omega = torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=M.device, dtype=M.dtype)
     Y = torch.linalg.qr(M @ omega).Q
     for _ in range(power_iters):
@@ -262,12 +282,19 @@ def truncated_svd(M: Tensor, rank: int, oversample: int = 10, power_iters: int =
     return (Y @ Ub)[..., :rank], s[..., :rank], Vh[..., :rank, :]
 
 
-def new_factors(modules: Dict[str, nn.Module]) -> Dict[str, LayerFactors]:
+def new_factors(modules: Dict[str, nn.Module], dtype: Optional[torch.dtype] = None) -> Dict[str, LayerFactors]:
+    """Empty factors per tracked layer. ``dtype`` defaults to float32, or float64 for a float64 model."""
     out = {}
     for name, module in modules.items():
         d_out, d_in, bias = layer_shape(module)
-        out[name] = LayerFactors(name=name, d_out=d_out, d_in=d_in + int(bias))
+        dt = dtype or accumulation_dtype(module.weight.dtype)
+        out[name] = LayerFactors(name=name, d_out=d_out, d_in=d_in + int(bias), dtype=dt)
     return out
+
+
+def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32/bfloat16/float16 models (never sum in half precision), float64 for float64 models."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
 def damping_value(Lambda: Tensor, damping: Union[str, float]) -> float:
@@ -275,9 +302,10 @@ def damping_value(Lambda: Tensor, damping: Union[str, float]) -> float:
     if isinstance(damping, str):
         if damping != "heuristic":
             raise ValueError(f"damping must be 'heuristic' or a non-negative number, got {damping!r}")
-        return 0.1 * float(Lambda.mean())
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be 'heuristic' or a non-negative number, got {damping!r}")
+        return 0.1 * float(Lambda.to(torch.float64).mean())
+    if not (damping > 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be 'heuristic' or a positive number, got {damping!r} (with 0 the inverse "
+                         "does not exist wherever Λ is 0)")
     return float(damping)
 
 
@@ -311,10 +339,10 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
         if f.A is None:
-            f.A = torch.zeros(f.d_in, f.d_in, dtype=torch.float64, device=a.device)
-            f.S = torch.zeros(f.d_out, f.d_out, dtype=torch.float64, device=a.device)
-        f.A += gram(a.reshape(-1, a.shape[-1])).to(torch.float64)
-        f.S += gram(g.reshape(-1, g.shape[-1])).to(torch.float64)
+            f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
+            f.S = torch.zeros(f.d_out, f.d_out, dtype=f.dtype, device=a.device)
+        f.A += gram(a.reshape(-1, a.shape[-1]).to(f.dtype))
+        f.S += gram(g.reshape(-1, g.shape[-1]).to(f.dtype))
 
     return callback
 
@@ -324,28 +352,32 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def eigendecompose(factors: Dict[str, LayerFactors], progress: bool = False) -> None:
-    """Normalise the summed covariances to means and eigendecompose them in float64.
-
-    A non-finite covariance (NaN/inf activations or gradients, e.g. from an overflowing fp16 model) is
-    reported with the layer's name instead of failing inside ``eigh``.
-    """
+def eigendecompose(factors: Dict[str, LayerFactors], progress: bool = False, keep_covariances: bool = False) -> None:
+    """Normalise the summed covariances to means and eigendecompose them in float64 (every layer)."""
     from tqdm.auto import tqdm
 
     for f in tqdm(list(factors.values()), desc="EK-FAC eigendecomposition", disable=not progress):
-        if f.A is None or f.n_tokens == 0:
-            raise FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
-        for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):
-            if not torch.isfinite(M).all():
-                raise FactorError(
-                    f"layer {f.name}: the {label} contains NaN or inf values; the model produced non-finite "
-                    "activations or gradients on this corpus (check the model's dtype and the documents)"
-                )
-        A = (f.A / f.n_tokens).to(torch.float64)
-        S = (f.S / f.n_tokens).to(torch.float64)
-        f.A, f.S = A, S
-        f.eig_A, f.Q_A = torch.linalg.eigh(0.5 * (A + A.T))
-        f.eig_S, f.Q_S = torch.linalg.eigh(0.5 * (S + S.T))
+        eigendecompose_layer(f, keep_covariances)
+
+
+def eigendecompose_layer(f: LayerFactors, keep_covariances: bool = False) -> None:
+    """``A/n = Q_A diag(λ_A) Q_Aᵀ``, ``S/n = Q_S diag(λ_S) Q_Sᵀ`` in float64 on the factors' device; the results are
+    kept in ``f.dtype``. A non-finite covariance (NaN/inf activations or gradients, e.g. from an overflowing fp16
+    model) is reported with the layer's name instead of failing inside ``eigh``."""
+    if f.A is None or f.n_tokens == 0:
+        raise FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
+    for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):
+        if not torch.isfinite(M).all():
+            raise FactorError(
+                f"layer {f.name}: the {label} contains NaN or inf values; the model produced non-finite "
+                "activations or gradients on this corpus (check the model's dtype and the documents)"
+            )
+    A = f.A.to(torch.float64) / f.n_tokens
+    S = f.S.to(torch.float64) / f.n_tokens
+    eig_A, Q_A = torch.linalg.eigh(0.5 * (A + A.T))
+    eig_S, Q_S = torch.linalg.eigh(0.5 * (S + S.T))
+    f.eig_A, f.Q_A, f.eig_S, f.Q_S = (t.to(f.dtype).contiguous() for t in (eig_A, Q_A, eig_S, Q_S))
+    f.A, f.S = (A.to(f.dtype), S.to(f.dtype)) if keep_covariances else (None, None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,7 +390,8 @@ def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor
 
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
-        Q_S, Q_A = f.Q_S.to(a.dtype), f.Q_A.to(a.dtype)
+        Q_S, Q_A = f.Q_S, f.Q_A
+        a, g = a.to(f.dtype), g.to(f.dtype)
         T = a.shape[1]
         # Both orders give (B, d_out, d_in) in the eigenbasis; pick the one with fewer flops (the Σ_t g aᵀ term,
         # T·d_out·d_in, is common to both). Rotating every token costs T·(d_out² + d_in²); rotating each
@@ -367,7 +400,7 @@ def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor
             rotated = torch.bmm((g @ Q_S).transpose(1, 2), a @ Q_A)  # rotate per token, then sum over tokens
         else:
             rotated = Q_S.T @ torch.bmm(g.transpose(1, 2), a) @ Q_A  # form G_n first, then rotate it
-        update = rotated.pow(2).sum(0).to(torch.float64)
+        update = rotated.pow(2).sum(0)
         f.Lambda = update if f.Lambda is None else f.Lambda + update
 
     return callback

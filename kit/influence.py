@@ -29,6 +29,7 @@ Normalisations (:func:`normalise`):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import ekfac
+from . import distributed, ekfac
 from .corpus import IGNORE, Batch
 
 Damping = Union[str, float]
@@ -50,19 +51,23 @@ Damping = Union[str, float]
 
 def sample_labels(logits: Tensor, batch: Batch, seed: int) -> Tensor:
     """Labels drawn from the model's own predictive distribution (true Fisher), at the positions that have a
-    next-token target. Each item's draws come from a generator seeded by ``(seed, item index)``, so they do not
-    depend on batch size, padding or order."""
+    next-token target.
+
+    Inverse-CDF sampling: one uniform ``u`` per position, drawn on the CPU from a generator seeded by
+    ``(seed, item index)`` (so draws do not depend on batch size, padding, order or device), and the label is the
+    first token whose cumulative probability exceeds ``u``; the softmax and its cumulative sum stay on the model's
+    device, in float32.
+    """
     labels = batch.labels.clone()
-    probs = torch.softmax(logits.detach()[:, :-1].to(torch.float64), dim=-1).cpu()
-    valid = (batch.labels[:, 1:] != IGNORE).cpu()
+    T = logits.shape[1]
+    u = torch.zeros(len(batch.index), T - 1, dtype=torch.float64)
     for r, item in enumerate(batch.index.tolist()):
-        n = int(valid[r].sum())
-        if n == 0:
-            continue
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + item)
-        pos = valid[r].nonzero().squeeze(1)
-        draws = torch.multinomial(probs[r, pos], 1, generator=gen).squeeze(1)
-        labels[r, pos + 1] = draws.to(labels.device)
+        u[r] = torch.rand(T - 1, generator=torch.Generator().manual_seed(seed * 1_000_003 + item), dtype=torch.float64)
+    cdf = torch.softmax(logits.detach()[:, :-1].float(), dim=-1).cumsum(-1)
+    u = (u.to(cdf.device, torch.float32) * cdf[..., -1]).unsqueeze(-1)
+    draws = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    valid = batch.labels[:, 1:] != IGNORE
+    labels[:, 1:] = torch.where(valid, draws.to(labels.device), batch.labels[:, 1:])
     return labels
 
 
@@ -110,7 +115,8 @@ def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss
     Batches held in ``replay`` (a :class:`TokenCache` filled by an earlier pass over the same batches) are handed
     to ``callback`` from memory instead, without a forward or backward; ``after_batch`` then gets ``None`` losses.
     """
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # the one place documents cross to the compute device
+    fail_after = int(os.environ.get("KIT_FAIL_AFTER_BATCHES", "0"))  # fault injection for the resume tests
     with ekfac.hooks(model, modules, callback) as h:
         for i in tqdm(range(start, len(batches)), desc=desc, initial=start, total=len(batches), disable=not progress):
             if replay is not None and i in replay:
@@ -119,6 +125,8 @@ def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss
                 if after_batch is not None:
                     after_batch(i, batches[i], None)
                 continue
+            if fail_after and i - start >= fail_after:
+                raise KeyboardInterrupt(f"KIT_FAIL_AFTER_BATCHES={fail_after}: simulated kill")
             b = batches[i].to(device)
             h.set_mask(b.attention_mask)
             losses = loss_fn(b)
@@ -184,18 +192,25 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 seed: int = 0, factors: Optional[Dict[str, ekfac.LayerFactors]] = None,
                 state: Optional[FitState] = None, checkpoint: Optional[Callable] = None,
                 checkpoint_every: int = 0, progress: bool = True,
-                cache_bytes: float = 0) -> Dict[str, ekfac.LayerFactors]:
+                cache_bytes: float = 0, factor_dtype: Optional[torch.dtype] = None,
+                keep_covariances: bool = False) -> Dict[str, ekfac.LayerFactors]:
     """Covariances → eigendecomposition → corrected eigenvalues over ``batches`` of documents.
 
     ``checkpoint(state, factors)`` is called every ``checkpoint_every`` batches and at the end of each stage;
     passing back the saved ``factors`` and ``state`` resumes where it stopped. With ``cache_bytes > 0`` the
     covariance pass keeps up to that many bytes of per-token ``(a, g)`` (:class:`TokenCache`) and the correction
     pass replays them instead of recomputing those batches: same factors, one forward + backward fewer per
-    cached batch.
+    cached batch. ``factor_dtype``: float32 by default (float64 for a float64 model); ``keep_covariances`` keeps
+    ``A`` and ``S`` after the eigendecomposition.
+
+    Under ``torchrun`` each process passes its own shard of the batches (``Batches.shard``): the sums of each pass
+    (covariances and token counts, Λ and sequence counts) are all-reduced at the end of the pass, and the layers'
+    eigendecompositions are divided among the processes and broadcast (:mod:`kit.distributed`). Checkpoints then
+    hold each process's own partial sums.
     """
     if fisher not in ("sampled", "empirical"):
         raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
-    factors = factors if factors is not None else ekfac.new_factors(modules)
+    factors = factors if factors is not None else ekfac.new_factors(modules, factor_dtype)
     state = state or FitState()
     loss_fn = lambda b: token_losses(model, b, fisher, seed)  # noqa: E731
 
@@ -220,18 +235,84 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
 
         run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
                  "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance, progress=progress)
-        ekfac.eigendecompose(factors, progress=progress)
+        _reduce_covariances(factors, model)
+        _eigendecompose_shared(factors, progress, keep_covariances)
         state = FitState("lambda", 0)
         if checkpoint is not None:
             checkpoint(state, factors)
     if state.stage == "lambda":
         run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn, "EK-FAC eigenvalue correction",
                  start=state.next_batch, after_batch=counting("lambda"), progress=progress, replay=cache)
+        _reduce_lambda(factors, model)
         ekfac.finalise_lambda(factors)
         state = FitState("done", 0)
         if checkpoint is not None:
             checkpoint(state, factors)
     return factors
+
+
+def _zeros_like_layer(f: ekfac.LayerFactors, device, shapes: Dict[str, tuple]) -> None:
+    for k, shape in shapes.items():
+        if getattr(f, k) is None:
+            setattr(f, k, torch.zeros(shape, dtype=f.dtype, device=device))
+
+
+def _reduce_covariances(factors: Dict[str, ekfac.LayerFactors], model: nn.Module) -> None:
+    """Sum every process's covariance sums and token counts (no-op in one process)."""
+    if distributed.current().world == 1:
+        return
+    device = next(model.parameters()).device
+    for f in factors.values():  # a rank whose shard was empty still takes part
+        _zeros_like_layer(f, device, {"A": (f.d_in, f.d_in), "S": (f.d_out, f.d_out)})
+        distributed.all_reduce_(f.A)
+        distributed.all_reduce_(f.S)
+        f.n_tokens = distributed.all_reduce_int(f.n_tokens, device)
+
+
+def _reduce_lambda(factors: Dict[str, ekfac.LayerFactors], model: nn.Module) -> None:
+    if distributed.current().world == 1:
+        return
+    device = next(model.parameters()).device
+    for f in factors.values():
+        _zeros_like_layer(f, device, {"Lambda": (f.d_out, f.d_in)})
+        distributed.all_reduce_(f.Lambda)
+        f.n_sequences = distributed.all_reduce_int(f.n_sequences, device)
+
+
+def _eigendecompose_shared(factors: Dict[str, ekfac.LayerFactors], progress: bool, keep_covariances: bool) -> None:
+    """Each process eigendecomposes its share of the layers (layer ``i`` → rank ``i mod N``); the results are
+    broadcast from their owner. Every process checks every layer's covariances first (they are identical after the
+    all-reduce), so a non-finite one stops all of them with the same error instead of leaving some waiting."""
+    d = distributed.current()
+    if d.world == 1:
+        ekfac.eigendecompose(factors, progress=progress, keep_covariances=keep_covariances)
+        return
+    from tqdm.auto import tqdm
+
+    layers = list(factors.values())
+    for f in layers:
+        if f.n_tokens == 0:
+            raise ekfac.FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
+        for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):
+            if not torch.isfinite(M).all():
+                raise ekfac.FactorError(f"layer {f.name}: the {label} contains NaN or inf values; the model produced "
+                                        "non-finite activations or gradients on this corpus (check the model's dtype "
+                                        "and the documents)")
+    for i, f in enumerate(tqdm(layers, desc="EK-FAC eigendecomposition", disable=not progress)):
+        if distributed.owner(i, d.world) == d.rank:
+            ekfac.eigendecompose_layer(f, keep_covariances=True)
+        else:
+            device = f.A.device
+            f.A, f.S = f.A / f.n_tokens, f.S / f.n_tokens
+            f.Q_A = torch.empty((f.d_in, f.d_in), dtype=f.dtype, device=device)
+            f.Q_S = torch.empty((f.d_out, f.d_out), dtype=f.dtype, device=device)
+            f.eig_A = torch.empty(f.d_in, dtype=f.dtype, device=device)
+            f.eig_S = torch.empty(f.d_out, dtype=f.dtype, device=device)
+    for i, f in enumerate(layers):
+        for t in (f.Q_A, f.eig_A, f.Q_S, f.eig_S):  # contiguous: a broadcast sends the storage as laid out
+            distributed.broadcast_(t, src=distributed.owner(i, d.world))
+        if not keep_covariances:
+            f.A = f.S = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,7 +328,8 @@ def per_item_gradients(model: nn.Module, modules: Dict[str, nn.Module], batches:
     current: List[Tensor] = []
 
     def callback(name, a, g):
-        G = torch.bmm(g.transpose(1, 2), a)
+        acc = ekfac.accumulation_dtype(a.dtype)  # a bfloat16 model's gradient is summed over tokens in float32
+        G = torch.bmm(g.transpose(1, 2).to(acc), a.to(acc))
         if name not in grads:
             grads[name] = torch.zeros((n_items,) + G.shape[1:], dtype=G.dtype, device=G.device)
         grads[name][current[0]] = G
@@ -358,15 +440,18 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     acc: Dict[str, Tensor] = {}
     flat = {n: pq.full[n].reshape(Q, -1) for n in names if n in pq.full}
 
+    dtype = next(iter({**pq.full, **pq.left}.values())).dtype  # the factors' dtype: float32 (float64 in tests)
+
     def callback(name, a, g):
         B = a.shape[0]
+        a, g = a.to(dtype), g.to(dtype)
         G = torch.bmm(g.transpose(1, 2), a)  # (B, d_out, d_in) per-document gradient of this layer
         acc.setdefault("norm2", torch.zeros(B, dtype=torch.float64, device=a.device))
         acc["norm2"] += G.pow(2).sum((1, 2)).to(torch.float64)
         if name in pq.full:
-            s = flat[name].to(G.dtype) @ G.reshape(B, -1).T  # (Q, B)
+            s = flat[name] @ G.reshape(B, -1).T  # (Q, B)
         else:
-            L, R = pq.left[name].to(a.dtype), pq.right[name].to(a.dtype)
+            L, R = pq.left[name], pq.right[name]
             gl = torch.einsum("bto,qor->qbtr", g, L)
             ar = torch.einsum("qri,bti->qbtr", R, a)
             s = (gl * ar).sum((2, 3))
@@ -375,7 +460,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         if per_layer:
             acc[f"layer:{name}"] = s.to(torch.float64)
         if per_token:
-            P = pq.layer(name).to(a.dtype)
+            P = pq.layer(name)
             t = torch.einsum("bto,qoi,bti->qbt", g, P, a).to(torch.float64)
             acc["tokens"] = t if "tokens" not in acc else acc["tokens"] + t
 

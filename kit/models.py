@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -98,42 +99,84 @@ def resolve_model(spec: str) -> str:
     return str(smollm2_gguf()) if str(spec).lower() in ("smollm2", "smollm2-135m-instruct") else str(spec)
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def _source(spec: str) -> tuple[str, dict]:
+    """``(directory or hub id, extra from_pretrained kwargs)`` for a model spec, checked to exist locally."""
+    spec = resolve_model(spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model file {spec} does not exist; pass an existing .gguf file, a model directory or a hub id")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec} is not a Hugging Face model directory (no config.json in it)")
+        return str(path), {}
+    if _looks_like_path(spec):
+        raise ModelError(f"model path {spec} does not exist; pass a model directory, a .gguf file or a hub id")
+    return spec, {}
+
+
+def _hub_error(spec: str, err: Exception) -> ModelError:
+    return ModelError(f"model path {spec} does not exist locally and could not be loaded from the model hub "
+                      f"({err.__class__.__name__}); pass a local model directory or .gguf file")
+
+
+def load_tokenizer(spec: str):
+    """The model's tokenizer alone (fast: corpora are tokenised and checked before any weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    src, kwargs = _source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    except OSError as err:
+        if src == resolve_model(spec):
+            raise _hub_error(spec, err) from err
+        raise
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def context_length(spec: str) -> Optional[int]:
+    """The model's context (``max_position_embeddings``) from its configuration, without loading weights."""
+    from transformers import AutoConfig
+
+    src, kwargs = _source(spec)
+    try:
+        conf = AutoConfig.from_pretrained(src, **kwargs)
+    except OSError as err:
+        raise _hub_error(spec, err) from err
+    return getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary and special tokens (keys tokenised corpora)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":")).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    h.update(repr(tokenizer("a b 1", add_special_tokens=True)["input_ids"]).encode())
+    return h.hexdigest()[:16]
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer=None):
     """Return ``(model, tokenizer)`` for a local HF directory, a ``.gguf`` file, or a hub id.
 
     A ``.gguf`` file is loaded with ``from_pretrained(directory, gguf_file=name)`` (transformers dequantises
     it). A string that is neither an existing path nor looks like a hub id is reported as a missing path.
+    The weights are cast to ``dtype`` and moved to ``device`` here, once.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    spec = resolve_model(spec)
-    path = Path(spec).expanduser()
-    kwargs = {"dtype": dtype}
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"model file {spec} does not exist; pass an existing .gguf file, a model directory or a hub id")
-        src, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.exists():
-        if not (path / "config.json").exists():
-            raise ModelError(f"{spec} is not a Hugging Face model directory (no config.json in it)")
-        src = str(path)
-    elif _looks_like_path(spec):
-        raise ModelError(f"model path {spec} does not exist; pass a model directory, a .gguf file or a hub id")
-    else:
-        src = spec
+    hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in every command and notebook
+    src, kwargs = _source(spec)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     try:
-        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
-        tokenizer = AutoTokenizer.from_pretrained(src, **tok_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
     except OSError as err:
-        if src == spec:
-            raise ModelError(
-                f"model path {spec} does not exist locally and could not be loaded from the model hub "
-                f"({err.__class__.__name__}); pass a local model directory or .gguf file"
-            ) from err
+        if src == resolve_model(spec):
+            raise _hub_error(spec, err) from err
         raise
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -145,11 +188,19 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def model_fingerprint(model: nn.Module, modules: Dict[str, nn.Module]) -> str:
-    """A short hash of the tracked weights (and the model's class), used to key cached factors."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, m in modules.items():
-        h.update(name.encode())
-        w = m.weight.detach().to("cpu", torch.float64).contiguous()
-        h.update(w.numpy().tobytes()[:1 << 16])
-        h.update(repr(float(w.sum())).encode())
+    """A short hash of the whole model, used to key cached factors.
+
+    It covers the model's class, the tracked module names, and every parameter and buffer: name, shape, dtype and
+    all raw bytes in the tensor's own dtype (so a float32 and a bfloat16 copy differ). Tensors are moved to the CPU
+    one at a time and never converted.
+    """
+    h = hashlib.sha256()
+    h.update(f"class={type(model).__module__}.{type(model).__name__}\n".encode())
+    h.update(f"tracked={list(modules)!r}\n".encode())
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            t = t.detach()
+            h.update(f"{kind} {name} {tuple(t.shape)} {t.dtype}\n".encode())
+            # the stored bits, whatever the dtype (bfloat16 and float8 have no numpy dtype): a flat byte view
+            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:16]

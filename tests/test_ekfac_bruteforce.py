@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bruteforce import as_docs, as_queries, brute_force_factors, flat_grads, random_tokens
+from bruteforce import as_docs, as_queries, brute_force_factors, flat_grads, random_tokens, sequence_quantities
 from kit import ekfac, influence
 from kit.corpus import make_batches
 from kit.models import tracked_modules
@@ -16,7 +16,8 @@ def setup(arch, n_docs=12, fisher="empirical"):
     model = tiny_model(arch, vocab_size=40, hidden=8, intermediate=12, layers=2, heads=2, seed=1, dtype=torch.float64)
     mods = tracked_modules(model)
     docs = as_docs(random_tokens(n_docs, 40, seed=2))
-    factors = influence.fit_factors(model, mods, make_batches(docs, 5, 0), fisher=fisher, seed=7, progress=False)
+    factors = influence.fit_factors(model, mods, make_batches(docs, 5, 0), fisher=fisher, seed=7, progress=False,
+                                    keep_covariances=True)
     return model, mods, docs, factors
 
 
@@ -89,6 +90,30 @@ def test_scores_equal_dense_damped_ekfac_solve(arch, damping):
     logits = model(input_ids=torch.tensor([queries.ids[0]])).logits[0]
     lp = torch.log_softmax(logits[:-1], -1)[torch.arange(len(queries.ids[0]) - 1), torch.tensor(queries.ids[0][1:])]
     assert nats[0].item() == pytest.approx(-lp[1:].sum().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_layer_scores_equal_brute_force_per_layer(arch):
+    """Each layer's share of the score is vec(G_q)ᵀ M_l⁻¹ vec(G_z) for that layer alone: per-document weight
+    gradients of the layer from autograd (bias column appended), the layer's dense damped EK-FAC matrix solved
+    directly. (That the shares add up to the total is true by construction; this checks each share.)"""
+    model, mods, docs, factors = setup(arch)
+    queries = as_queries(random_tokens(4, 40, lo=5, seed=3))
+    out, _ = influence.influence(model, mods, factors, make_batches(queries, 3, 0), 4, make_batches(docs, 5, 0),
+                                 len(docs.ids), per_layer=True)
+    names = list(mods)
+    assert out.per_layer.shape == (4, len(docs.ids), len(names))
+    per_q = [sequence_quantities(model, mods, i, l)[1] for i, l in zip(queries.ids, queries.labels)]
+    per_z = [sequence_quantities(model, mods, i, l)[1] for i, l in zip(docs.ids, docs.labels)]
+    for j, n in enumerate(names):
+        gq = torch.stack([q[n]["G"].reshape(-1) for q in per_q])  # (Q, d_out·d_in) row-major, as the factors
+        gz = torch.stack([z[n]["G"].reshape(-1) for z in per_z])
+        M = ekfac.dense_ekfac_matrix(factors[n], "heuristic")
+        expected = torch.linalg.solve(M, gq.T).T @ gz.T  # (Q, D)
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(out.per_layer[:, :, j], expected, rtol=1e-6, atol=1e-10 * float(expected.abs().max()))
+    # the layers' shares differ from one another (a per-layer array filled with total / L would not pass)
+    assert not torch.allclose(out.per_layer[:, :, 0], out.per_layer[:, :, 1], rtol=1e-2)
 
 
 def test_positive_score_means_the_document_raises_the_completion_log_likelihood():

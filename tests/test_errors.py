@@ -99,15 +99,45 @@ def test_unreachable_hub_id_says_to_pass_a_local_model(monkeypatch):
 
 
 def test_cli_reports_one_line_and_exit_code_2(tmp_path, capsys):
+    # the corpus is checked before any model is loaded
     corpus = write_jsonl(tmp_path / "c.jsonl", [])
     code = main(["fit", "--model", str(tmp_path / "nope"), "--corpus", str(corpus), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: corpus") and "is empty" in err[0]
+    code = main(["fit", "--model", str(tmp_path / "nope"), "--corpus", str(tmp_path / "missing.jsonl"),
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing.jsonl does not exist" in err[0]
+    good = write_jsonl(tmp_path / "g.jsonl", [{"id": "a", "text": "x y", "source": "wiki"}])
+    code = main(["fit", "--model", str(tmp_path / "nope"), "--corpus", str(good), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: model path")
+    assert not (tmp_path / "r").exists()  # a failed fit leaves no empty run directory
 
 
 def test_bad_options():
-    with pytest.raises(InputError, match="--damping must be 'heuristic' or a non-negative number"):
+    with pytest.raises(InputError, match="--damping must be 'heuristic' or a positive number"):
         FitConfig(damping="lots").validate()
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(InputError, match="--damping must be 'heuristic' or a positive number"):
+            FitConfig(damping=bad).validate()
+    with pytest.raises(InputError, match="--factor-dtype must be float32 or float64"):
+        FitConfig(factor_dtype="bfloat16").validate()
+    with pytest.raises(InputError, match="--dtype must be one of"):
+        FitConfig(dtype="int8").validate()
+    with pytest.raises(InputError, match="--dtype must be one of"):
+        ScoreConfig(dtype="fp8").validate()
+    with pytest.raises(InputError, match="--top-k must be at least 1"):
+        ScoreConfig(top_k=0).validate()
+    with pytest.raises(InputError, match="--max-batch-tokens must be at least 1"):
+        FitConfig(max_batch_tokens=0).validate()
+    from kit.pipeline import resolve_device
+
+    with pytest.raises(InputError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available on this machine; use --device cpu"):
+            resolve_device("cuda:0")
     with pytest.raises(InputError, match="--query-rank must be 'full' or a positive integer"):
         ScoreConfig(query_rank="0").validate()
 

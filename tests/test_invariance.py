@@ -14,7 +14,7 @@ from kit.smoke import tiny_model
 
 def run(model, mods, docs, queries, batch_size, fisher="empirical", sort=True, rank=None):
     factors = influence.fit_factors(model, mods, make_batches(docs, batch_size, 0, sort_by_length=sort), fisher=fisher,
-                                    seed=3, progress=False)
+                                    seed=3, progress=False, keep_covariances=True)
     out, nats = influence.influence(model, mods, factors, make_batches(queries, batch_size, 0), len(queries.ids),
                                     make_batches(docs, batch_size, 0, sort_by_length=sort), len(docs.ids), rank=rank)
     return factors, out.scores, nats
@@ -111,7 +111,8 @@ def test_token_cache_gives_identical_factors_and_skips_forwards(setup, fisher):
         results = {}
         for budget in (0, 3e5, 1e9):  # none, some batches, all batches
             calls.clear()
-            f = influence.fit_factors(model, mods, batches, fisher=fisher, seed=3, progress=False, cache_bytes=budget)
+            f = influence.fit_factors(model, mods, batches, fisher=fisher, seed=3, progress=False, cache_bytes=budget,
+                                     keep_covariances=True)
             results[budget] = (f, len(calls))
     finally:
         handle.remove()

@@ -82,14 +82,18 @@ def _interrupt_after(monkeypatch, n_calls):
 def test_killed_fit_resumes_to_the_same_factors(smoke_world, tmp_path, monkeypatch, kill_at):
     # the kill counts forward passes: with no token cache the correction pass runs the model again
     cfg = dict(model=smoke_world["model"], corpus=smoke_world["corpus"], batch_size=16, checkpoint_every=2,
-               dtype="float64", cache_gb=2.0 if kill_at < 10 else 0.0)
+               dtype="float64", factor_dtype="float64", cache_gb=2.0 if kill_at < 10 else 0.0)
     kit.fit(FitConfig(**{**cfg, "cache_gb": 2.0}), tmp_path / "clean", quiet=True)  # cached, uninterrupted
     with monkeypatch.context() as m:
         _interrupt_after(m, kill_at)
         with pytest.raises(KeyboardInterrupt):
             kit.fit(FitConfig(**cfg), tmp_path / "killed", quiet=True)
-    state = json.loads(next((tmp_path / "killed" / "factors").glob("*/state.json")).read_text())
-    assert state["stage"] == ("covariance" if kill_at < 10 else "lambda") and state["next_batch"] > 0
+    fdir = next((tmp_path / "killed" / "factors").glob("*/state.json")).parent
+    stage = "covariance" if kill_at < 10 else "lambda"
+    assert json.loads((fdir / "state.json").read_text())["stage"] == stage
+    mine = json.loads((fdir / "state.rank0.json").read_text())  # this process's position and partial sums
+    assert mine["stage"] == stage and mine["next_batch"] > 0
+    assert (fdir / f"{stage}.partial.rank0.safetensors").exists()
     kit.fit(FitConfig(**cfg), tmp_path / "killed", quiet=True)
     from kit.models import load_model, tracked_modules
     names = [n for n in tracked_modules(load_model(smoke_world["model"])[0])]
@@ -110,8 +114,8 @@ def test_killed_scoring_resumes_to_the_same_scores(fitted, smoke_world, tmp_path
         _interrupt_after(m, 1 + 15)  # 1 query batch + 15 document batches
         with pytest.raises(KeyboardInterrupt):
             kit.score(run, cfg, quiet=True)
-    prog = json.loads(next((run / "scores").glob("*/progress.json")).read_text())
-    assert prog == {"next_batch": 10, "complete": False}
+    prog = json.loads(next((run / "scores").glob("*/progress.rank0.json")).read_text())
+    assert prog["next_batch"] == 10
     kit.score(run, cfg, quiet=True)
     np.testing.assert_allclose(kit.load_scores(run).to_numpy(), kit.load_scores(fitted).to_numpy(), rtol=1e-5,
                                atol=1e-6 * float(np.abs(kit.load_scores(fitted).to_numpy()).max()))

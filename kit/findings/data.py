@@ -63,15 +63,15 @@ class RunData:
 
 def load_run(run: Union[str, Path], name: Optional[str] = None, kind: str = "per_nat") -> RunData:
     """Read a scored run directory. ``kind``: ``per_nat`` (the paper's default), ``raw`` or ``normalized``."""
-    from ..pipeline import load_scores, scores_dir
+    from ..pipeline import load_scores, scored_documents, scores_dir
 
     run = Path(run)
     if not (run / "config.json").exists():
         raise InputError(f"{run} is not a run directory (no config.json); create one with `python -m kit fit`")
     sdir = scores_dir(run)
-    df = load_scores(run, kind=kind, mmap=False)
+    df = load_scores(run, kind=kind)
     queries = pd.read_parquet(sdir / "queries.parquet")
-    docs = pd.read_parquet(run / "documents.parquet")
+    docs = scored_documents(run)
     if "correct" not in queries.columns:  # grade what can be graded from the prompt alone
         from ..queries import grade
 
