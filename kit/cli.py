@@ -63,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("smoke", help="build a tiny world (corpus, tokenizer, tiny Llama) and fit + score it")
     m.add_argument("--out", default="data/smoke", help="where the tiny world and its run go")
     m.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gpt_neox"])
+    pl = sub.add_parser("plan", help="memory per stage and a measured time estimate, before a long fit/score")
+    from .plan import PlanConfig
+
+    pl.add_argument("--model", required=True, help=_h(PlanConfig, "model"))
+    pl.add_argument("--corpus", help=_h(PlanConfig, "corpus"))
+    pl.add_argument("--n-docs", type=int, help=_h(PlanConfig, "n_docs"))
+    pl.add_argument("--tokens-per-doc", type=int, help=_h(PlanConfig, "tokens_per_doc"))
+    pl.add_argument("--queries", help=_h(PlanConfig, "queries"))
+    pl.add_argument("--n-queries", type=int, default=100, help=_h(PlanConfig, "n_queries"))
+    pl.add_argument("--nproc", type=int, default=1, help=_h(PlanConfig, "nproc"))
+    pl.add_argument("--device", default="auto", help=_h(PlanConfig, "device"))
+    pl.add_argument("--dtype", default="float32", help=_h(PlanConfig, "dtype"))
+    pl.add_argument("--factor-dtype", default="float32", help=_h(PlanConfig, "factor_dtype"))
+    pl.add_argument("--batch-size", type=int, default=8, help=_h(PlanConfig, "batch_size"))
+    pl.add_argument("--max-batch-tokens", type=int, help=_h(PlanConfig, "max_batch_tokens"))
+    pl.add_argument("--max-tokens", type=int, help=_h(PlanConfig, "max_tokens"))
+    pl.add_argument("--query-rank", default="full", help=_h(PlanConfig, "query_rank"))
+    pl.add_argument("--modules", nargs="+", help=_h(PlanConfig, "modules"))
+    pl.add_argument("--cache-gb", type=float, default=2.0, help=_h(PlanConfig, "cache_gb"))
+    pl.add_argument("--memory-gb", type=float, help=_h(PlanConfig, "memory_gb"))
+    pl.add_argument("--no-measure", action="store_true", help="memory from shapes only; no batches are run")
+    pl.add_argument("--json", help="also write the plan as JSON to this file")
+
     b = sub.add_parser("build-corpus", help="build the lab's labelled pretraining corpus (offline, deterministic)")
     b.add_argument("--preset", default="lab", help="lab (20,000 documents) or smoke (800)")
     b.add_argument("--out", default="data/lab", help="directory for corpus.parquet/.jsonl, heldout.json, corpus.json")
@@ -187,6 +210,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             run = f"{args.out}/run-{args.arch}"
             fit(FitConfig(model=w["model"], corpus=w["corpus"], batch_size=16), run)
             print(f"scores: {score(run, ScoreConfig(queries=w['queries']))}")
+        elif args.cmd == "plan":
+            from .plan import PlanConfig, plan, render
+
+            p = plan(PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
+                                tokens_per_doc=args.tokens_per_doc, queries=args.queries, n_queries=args.n_queries,
+                                nproc=args.nproc, device=args.device, dtype=args.dtype, factor_dtype=args.factor_dtype,
+                                batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                                max_tokens=args.max_tokens, query_rank=args.query_rank, modules=args.modules,
+                                cache_gb=args.cache_gb, measure=not args.no_measure, memory_gb=args.memory_gb))
+            print(render(p))
+            if args.json:
+                import json as _json
+
+                Path(args.json).write_text(_json.dumps(p, indent=2, default=float))
         elif args.cmd == "build-corpus":
             from dataclasses import replace
 

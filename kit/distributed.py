@@ -89,11 +89,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_true(flag: bool, device="cpu") -> bool:
-    """True when ``flag`` holds on every rank (so that one rank's error stops all of them together)."""
-    return all_reduce_int(int(bool(flag)), device) == current().world
-
-
 def owner(i: int, world: int) -> int:
     """The rank that computes the ``i``-th of a list of independent jobs (e.g. layers' eigendecompositions)."""
     return i % world

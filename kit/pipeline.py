@@ -313,8 +313,6 @@ def _fit_state(fdir: Path, made: dict, signature: dict, quiet: bool) -> influenc
         diff = ", ".join(f"{k} {started.get(k)} (now {v})" for k, v in signature.items() if started.get(k) != v)
         raise InputError(f"the fit in {fdir} was started with {diff}; resume it with the same --batch-size, "
                          f"--max-batch-tokens and number of processes, or delete {fdir} to start over")
-    if not distributed.all_true(True):  # every process reaches this point before any starts computing
-        raise InputError("a process of this job failed while reading the fit's state")
     if d.main and glob is None:
         store.write_json(fdir / "state.json", {"stage": "covariance", "signature": signature, "time": time.time()})
     return influence.FitState(stage, nxt)
