@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--query-rank", default="full", help=_h(ScoreConfig, "query_rank"))
     s.add_argument("--batch-size", type=int, default=0, help=_h(ScoreConfig, "batch_size"))
     s.add_argument("--top-k", type=int, default=1000, help=_h(ScoreConfig, "top_k"))
+    s.add_argument("--query-batch-size", type=int, default=8, help=_h(ScoreConfig, "query_batch_size"))
     s.add_argument("--device", default=None, help=_h(ScoreConfig, "device"))
     s.add_argument("--dtype", default=None, help=_h(ScoreConfig, "dtype"))
     _nproc_arg(s)
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-batch-tokens", type=int, help=_h(PlanConfig, "max_batch_tokens"))
     pl.add_argument("--max-tokens", type=int, help=_h(PlanConfig, "max_tokens"))
     pl.add_argument("--query-rank", default="full", help=_h(PlanConfig, "query_rank"))
+    pl.add_argument("--query-batch-size", type=int, default=8, help=_h(PlanConfig, "query_batch_size"))
     pl.add_argument("--modules", nargs="+", help=_h(PlanConfig, "modules"))
     pl.add_argument("--cache-gb", type=float, default=2.0, help=_h(PlanConfig, "cache_gb"))
     pl.add_argument("--memory-gb", type=float, help=_h(PlanConfig, "memory_gb"))
@@ -194,6 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             sdir = score(args.run, ScoreConfig(queries=args.queries, query_rank=args.query_rank,
                                                batch_size=args.batch_size, corpus=args.corpus, top_k=args.top_k,
+                                               query_batch_size=args.query_batch_size,
                                                device=args.device, dtype=args.dtype))
             _main_print(f"scores: {sdir}  (kit.load_scores({str(args.run)!r}) reads them)")
         elif args.cmd == "rescore":
@@ -218,6 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 nproc=args.nproc, device=args.device, dtype=args.dtype, factor_dtype=args.factor_dtype,
                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                                 max_tokens=args.max_tokens, query_rank=args.query_rank, modules=args.modules,
+                                query_batch_size=args.query_batch_size,
                                 cache_gb=args.cache_gb, measure=not args.no_measure, memory_gb=args.memory_gb))
             print(render(p))
             if args.json:

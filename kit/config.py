@@ -90,6 +90,8 @@ class ScoreConfig:
         self.query_rank = parse_rank(self.query_rank)
         if self.batch_size < 0:
             raise InputError(f"--batch-size must be at least 1 (or 0 for the fit's), got {self.batch_size}")
+        if self.query_batch_size < 1:
+            raise InputError(f"--query-batch-size must be at least 1, got {self.query_batch_size}")
         if self.top_k < 1:
             raise InputError(f"--top-k must be at least 1, got {self.top_k}")
         if self.dtype is not None and self.dtype not in DTYPES:

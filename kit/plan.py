@@ -11,7 +11,7 @@ will not fit. Memory is counted from the shapes involved:
   first batch is the largest) when the weights can be loaded, else estimated from the architecture;
 * token cache — the covariance pass's per-token ``(a, g)`` kept for the correction pass, up to ``--cache-gb``;
 * query gradients — full rank: queries × tracked weights; rank ``r``: queries × ``r (d_out + d_in)`` per layer;
-  plus one query batch of full gradients while they are preconditioned;
+  plus one layer of one query batch's full gradients while it is preconditioned;
 * score store — queries × documents float32, memory-mapped (its pages count once written).
 
 Times are measured on a few batches of the real corpus with the kit's own passes (per padded token, covariance
@@ -203,14 +203,14 @@ def plan(cfg: PlanConfig, quiet: bool = True) -> Dict:
         query_p = Q * sum_io * fb
     else:
         query_p = Q * sum(min(rank, min(o, i)) * (o + i) for o, i in layers) * fb
-    query_batch = min(Q, cfg.query_batch_size) * sum_io * fb * 3
+    query_batch = min(Q, cfg.query_batch_size) * max(o * i for o, i in layers) * fb * 3  # G, rotated, P of one layer
     store_bytes = Q * D * 4 + D * 8
     weights = n_params * mb
     corpus_mem = D * 24
     fit_parts = {"model weights": weights, "factors (covariances, eigenbases, Λ)": max(cov + workspace, eig + lam),
                  "activations of one batch": activations, "token cache": cache, "corpus index": corpus_mem}
     score_parts = {"model weights": weights, "factors (eigenbases, Λ)": eig + lam,
-                   "preconditioned query gradients": query_p, "one query batch of full gradients": query_batch,
+                   "preconditioned query gradients": query_p, "one layer of a query batch's gradients": query_batch,
                    "activations of one batch": activations, "score store pages (memory-mapped)": store_bytes / cfg.nproc,
                    "corpus index": corpus_mem}
     base = timing.get("baseline_bytes", 0) if timing else 0
@@ -240,7 +240,7 @@ def plan(cfg: PlanConfig, quiet: bool = True) -> Dict:
     if peaks["score"] > 0.9 * avail:
         big = max(score_parts, key=score_parts.get)
         fix = {"preconditioned query gradients": "--query-rank 32 (and `kit rescore` the top documents at full rank)",
-               "one query batch of full gradients": "a smaller query batch",
+               "one layer of a query batch's gradients": "--query-batch-size 1",
                "activations of one batch": "--batch-size, --max-batch-tokens or --max-tokens",
                "factors (eigenbases, Λ)": "--modules (track fewer layers)", "model weights": "--dtype bfloat16",
                "score store pages (memory-mapped)": "more processes (--nproc), or fewer queries per run",
