@@ -121,13 +121,11 @@ class GpuMemoryPoller:
             self._thread.join()
 
 
-def run_kit(args: List[str], timeout: float, watch_gpu: bool, log: List[str]) -> dict:
+def run_kit(args: List[str], timeout: float, watch_gpu: bool) -> dict:
     """``python -m kit ARGS`` from the repository root; returns wall seconds, exit status, output, peak GPU MiB."""
     cmd = [sys.executable, "-m", "kit", *map(str, args)]
-    line = "$ " + shlex.join(cmd)
-    print(line, flush=True)
-    log.append(line)
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(
+    print("$ " + shlex.join(cmd), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     t0 = time.perf_counter()
     with GpuMemoryPoller(watch_gpu) as mem:
@@ -138,24 +136,23 @@ def run_kit(args: List[str], timeout: float, watch_gpu: bool, log: List[str]) ->
             rc, out = 124, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"
     wall = time.perf_counter() - t0
     if rc != 0:
-        print(f"  exited {rc} after {wall:.1f} s; output tail:\n" + "\n".join("  | " + l for l in out[-4000:].splitlines()),
-              flush=True)
+        tail = "\n".join("  | " + line for line in out[-4000:].splitlines())
+        print(f"  exited {rc} after {wall:.1f} s; output tail:\n{tail}", flush=True)
     return {"wall": wall, "rc": rc, "out": out, "gpu_mib": mem.peak}
 
 
-def fit_and_score(run: Path, world: dict, device: str, dtype: str, nproc: int, a: argparse.Namespace,
-                  log: List[str]) -> dict:
+def fit_and_score(run: Path, world: dict, device: str, dtype: str, nproc: int, a: argparse.Namespace) -> dict:
     watch = device.startswith("cuda")
     procs = ["--nproc", nproc] if nproc > 1 else []
     fit = ["fit", "--model", world["model"], "--corpus", world["corpus"], "--out", run, "--device", device,
            "--dtype", dtype, "--fisher", a.fisher, "--batch-size", a.batch_size, *procs]
     if a.n_docs:
         fit += ["--n-docs", a.n_docs]
-    f = run_kit(fit, a.timeout, watch, log)
+    f = run_kit(fit, a.timeout, watch)
     res = {"fit": f, "score": None}
     if f["rc"] == 0:
         res["score"] = run_kit(["score", "--run", run, "--queries", world["queries"], "--device", device,
-                                "--batch-size", a.batch_size, *procs], a.timeout, watch, log)
+                                "--batch-size", a.batch_size, *procs], a.timeout, watch)
     return res
 
 
@@ -175,7 +172,8 @@ def load(run: Path):
 
 
 def factor_difference(got: Dict, ref: Dict) -> float:
-    """Largest difference over layers of Λ, eigenvalues and projectors Q diag(λ) Qᵀ, relative to the largest entry."""
+    """Largest difference over layers of Λ, eigenvalues and projectors Q diag(λ) Qᵀ, relative to their largest
+    entry."""
     import torch
 
     def rel(x, y):
@@ -199,6 +197,7 @@ def factor_difference(got: Dict, ref: Dict) -> float:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the smoke world's save_pretrained bar, and the children's bars
     import torch
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -229,7 +228,7 @@ def main(argv=None) -> int:
 def _check(a: argparse.Namespace, work: Path, nproc: int, n_gpu: int) -> int:
     import torch
 
-    name = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
+    name = torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda") else "cpu"
     print(f"kit GPU check: device {a.device} ({name}; {n_gpu} GPU(s) visible), torch {torch.__version__}, "
           f"python {sys.version.split()[0]}, work dir {work}", flush=True)
     if a.model:
@@ -241,7 +240,6 @@ def _check(a: argparse.Namespace, work: Path, nproc: int, n_gpu: int) -> int:
         world = build_smoke_world(work / "world", progress=False)
         print(f"smoke world in {time.perf_counter() - t0:.1f} s: {world}", flush=True)
 
-    log: List[str] = []
     configs = [("cpu", "float32", 1, True)]  # the reference
     for dtype in a.dtypes:
         for n in ([1, nproc] if nproc > 1 else [1]):
@@ -252,7 +250,7 @@ def _check(a: argparse.Namespace, work: Path, nproc: int, n_gpu: int) -> int:
         label = f"{device} {dtype} ×{n}" + (" (reference)" if is_ref else "")
         print(f"\n== {label}", flush=True)
         run = work / "runs" / f"{'ref-' if is_ref else ''}{device.replace(':', '')}-{dtype}-{n}p"
-        res = fit_and_score(run, world, device, dtype, n, a, log)
+        res = fit_and_score(run, world, device, dtype, n, a)
         row = {"device": device + (" (ref)" if is_ref else ""), "dtype": dtype, "procs": n,
                "fit_s": res["fit"]["wall"], "score_s": res["score"]["wall"] if res["score"] else None,
                "gpu_mib": _max_none(res["fit"]["gpu_mib"], res["score"]["gpu_mib"] if res["score"] else None),
@@ -280,11 +278,7 @@ def _check(a: argparse.Namespace, work: Path, nproc: int, n_gpu: int) -> int:
         if not row["ok"]:
             failures.append(f"{label}: per-query Pearson with the reference min {r.min():.6f} < {need}")
 
-    print("\nran:")
-    for line in log:
-        print("  " + line)
-    print()
-    print(table(rows))
+    print("\n" + table(rows))
     print(f"\nchecks: per-query Pearson with the cpu float32 reference ≥ {PEARSON_MIN['float32']} (float32) and ≥ "
           f"{PEARSON_MIN['bfloat16']} (bfloat16); factor difference = max |Δ| / max |ref| over Λ, eigenvalues and "
           "Q diag(λ) Qᵀ (reported only); GPU MiB = nvidia-smi peak above the baseline (n/a without it)")
@@ -311,7 +305,10 @@ def table(rows: List[dict]) -> str:
              "n/a" if r["gpu_mib"] is None else f"{r['gpu_mib']:.0f}", fmt(r["r_min"], ".6f"), fmt(r["r_mean"], ".6f"),
              fmt(r["fdiff"], ".1e"), "ok" if r["ok"] else "FAIL"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 

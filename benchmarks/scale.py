@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--distributed-docs", type=int, default=10000)
     ap.add_argument("--out", default="/tmp/kit-scale")
+    ap.add_argument("--only", type=int, nargs="+", default=[1, 2, 3], help="run only these sections")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,13 +84,22 @@ def main() -> None:
         if not paths[n].exists():
             corpus.iloc[:n].to_json(paths[n], orient="records", lines=True)
     queries = out / "queries.jsonl"
-    fit_corpus = paths[min(args.sizes)]
     common = ["--device", "cpu", "--batch-size", "32"]
 
+    if 1 in args.only:
+        scaling(args, model, paths, queries, common)
+    if 2 in args.only:
+        processes(args, model, paths, queries, common)
+    if 3 in args.only:
+        planned(args, model, paths, queries, common)
+
+
+def scaling(args, model, paths, queries, common):
+    out = Path(args.out)
     print("## 1. Scoring a growing corpus with factors fitted on", min(args.sizes), "documents")
     run = out / "run-scale"
     shutil.rmtree(run, ignore_errors=True)
-    fit = measured(["fit", "--model", model, "--corpus", fit_corpus, "--out", run, "--fisher", "empirical", *common], 2)
+    fit = measured(["fit", "--model", model, "--corpus", paths[min(args.sizes)], "--out", run, "--fisher", "empirical", *common], 2)
     print(f"fit on {min(args.sizes)}: {fit['wall']:.1f} s, peak RSS {fit['peak_rss'] / 2**20:.0f} MiB")
     rows = []
     for n in args.sizes:
@@ -106,6 +116,10 @@ def main() -> None:
     top = rows[-1][3] - rows[-1][4]
     print(f"peak RSS at {rows[-1][0]:,} (less the score store) / at {rows[0][0]:,}: {top / base:.2f}× [target ≤ 1.5×]")
 
+
+
+def processes(args, model, paths, queries, common):
+    out = Path(args.out)
     print("\n## 2. fit + score on", args.distributed_docs, "documents: 1 process × 2 threads vs 2 processes × 1 thread")
     walls = {}
     for label, nproc, threads in (("1×2", 1, 2), ("2×1", 2, 1), ("1×2 again", 1, 2), ("2×1 again", 2, 1)):
@@ -121,6 +135,10 @@ def main() -> None:
     one, two = min(walls["1×2"]), min(walls["2×1"])
     print(f"2 processes × 1 thread / 1 process × 2 threads (best of 2): {two / one:.2f}× [target ≤ 1.15×]")
 
+
+
+def planned(args, model, paths, queries, common):
+    out = Path(args.out)
     print("\n## 3. kit plan vs measured (the", args.distributed_docs, "document fit + score, 1 process)")
     plan_file = out / "plan.json"
     subprocess.run([sys.executable, "-m", "kit", "plan", "--model", str(model), "--corpus",

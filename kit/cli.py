@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import FitConfig, ScoreConfig, help_of
-from .corpus import InputError
-from .ekfac import FactorError
-from .models import ModelError
+from .errors import FactorError, InputError, ModelError
 
 
 def _h(cls, name):
@@ -146,7 +144,7 @@ def _nproc_arg(p) -> None:
 
 
 def _findings_args(p) -> None:
-    from .findings import FindingsConfig
+    from .config import FindingsConfig
 
     p.add_argument("--kind", choices=["per_nat", "raw", "normalized"], help=_h(FindingsConfig, "kind"))
     p.add_argument("--n-boot", type=int, help=_h(FindingsConfig, "n_boot"))
@@ -156,7 +154,7 @@ def _findings_args(p) -> None:
 
 
 def _findings_config(args):
-    from .findings import FindingsConfig
+    from .config import FindingsConfig
 
     given = {k: getattr(args, k) for k in ("kind", "n_boot", "answer_k", "procedure_k", "source_fractions")
              if getattr(args, k, None) is not None}
@@ -172,12 +170,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "nproc", 1) != 1:
-            from . import distributed
+        if getattr(args, "nproc", 1) != 1 and args.cmd != "plan":
+            import os
 
             if args.nproc < 1:
                 raise InputError(f"--nproc must be at least 1, got {args.nproc}")
-            if not distributed.launched():
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not yet inside torchrun: launch it
+                from . import distributed
+
                 rest = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
                         and (i == 0 or argv[i - 1] != "--nproc")]
                 return distributed.launch(["--"] + rest, args.nproc)
@@ -214,9 +214,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             fit(FitConfig(model=w["model"], corpus=w["corpus"], batch_size=16), run)
             print(f"scores: {score(run, ScoreConfig(queries=w['queries']))}")
         elif args.cmd == "plan":
-            from .plan import PlanConfig, plan, render
+            import transformers  # noqa: F401  (imported by every fit/score: part of their start-up)
 
-            p = plan(PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
+            from . import pipeline  # noqa: F401
+            from .plan import PlanConfig, plan, process_age, render
+
+            p = plan(startup_s=process_age(), cfg=PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
                                 tokens_per_doc=args.tokens_per_doc, queries=args.queries, n_queries=args.n_queries,
                                 nproc=args.nproc, device=args.device, dtype=args.dtype, factor_dtype=args.factor_dtype,
                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,

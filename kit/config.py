@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Union
 
-from .corpus import InputError
+from .errors import InputError
 
 
 def _help(text: str, **kw) -> Any:
@@ -146,3 +146,24 @@ def from_dict(cls, d: Dict[str, Any]):
 
 def help_of(cls, name: str) -> str:
     return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
+@dataclass
+class FindingsConfig:
+    """How the findings are computed (every field can be overridden from the command line / notebook parameters)."""
+
+    kind: str = field(default="per_nat", metadata={"help": "score variant: per_nat (paper), raw or normalized"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstraps"})
+    answer_k: Optional[int] = field(default=None, metadata={
+        "help": "top-k searched for answers (default: the paper's 500 of 5M scaled to the run, at least 10)"})
+    procedure_k: Optional[int] = field(default=None, metadata={
+        "help": "top-k characterised for procedures (default: the paper's 100 of 5M scaled, at least 10)"})
+    powerlaw_top: int = field(default=500, metadata={"help": "top documents of each ranking fitted by a power law"})
+    magnitude_fraction: float = field(default=0.01, metadata={
+        "help": "top fraction of documents whose total influence per nat is compared (the paper's 50k of 5M)"})
+    source_fractions: Optional[List[float]] = field(default=None, metadata={
+        "help": "top/bottom cuts as fractions of the documents (default: the paper's 1e-5..1e-1 that fit)"})
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

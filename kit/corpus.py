@@ -24,8 +24,7 @@ import torch
 IGNORE = -100
 
 
-class InputError(ValueError):
-    """Bad user input (corpus, queries, options); the message says what to fix."""
+from .errors import InputError  # noqa: E402  (defined without imports, re-exported here)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,10 @@ def setup(device: str) -> tuple[Dist, str]:
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group(backend="gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local), device
 
 
@@ -70,7 +73,8 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_int(n: int, device="cpu") -> int:
+def all_reduce_int(n: int, device) -> int:
+    """Sum an integer over all processes; ``device`` must be the compute device (NCCL reduces GPU tensors only)."""
     if current().world == 1:
         return n
     t = torch.tensor([n], dtype=torch.int64, device=device)
@@ -94,14 +98,15 @@ def owner(i: int, world: int) -> int:
     return i % world
 
 
-def launch(argv: List[str], nproc: int, nnodes: Optional[int] = None) -> int:
-    """Re-run this command under ``torchrun --nproc_per_node N`` (the ``--nproc`` convenience)."""
-    import subprocess
+def launch(argv: List[str], nproc: int) -> int:
+    """Run this command under torchrun's launcher, in this process: ``torchrun --standalone --nproc_per_node N -m
+    kit -- ARGV`` (the ``--nproc`` convenience). Returns the exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    if nnodes:
-        cmd.append(f"--nnodes={nnodes}")
-    else:
-        cmd.append("--standalone")
-    cmd += ["-m", "kit"] + argv
-    return subprocess.call(cmd)
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "kit"] + argv)
+    except ChildFailedError as err:
+        codes = [f.exitcode for f in err.failures.values()]
+        return 2 if 2 in codes else (codes[0] or 1)
+    return 0

@@ -76,8 +76,7 @@ __all__ = [
 ]
 
 
-class FactorError(RuntimeError):
-    """Raised when a factor cannot be computed (non-finite covariance, missing stage)."""
+from .errors import FactorError  # noqa: E402  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------------------------

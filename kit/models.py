@@ -13,8 +13,7 @@ from torch import nn
 from .ekfac import is_conv1d
 
 
-class ModelError(ValueError):
-    """A model could not be found or loaded; the message says what to pass instead."""
+from .errors import ModelError  # noqa: E402  (re-exported)
 
 
 # Tracked MLP linear layers per architecture (suffixes of module names), as the paper and Grosse et al.
@@ -147,6 +146,19 @@ def context_length(spec: str) -> Optional[int]:
     except OSError as err:
         raise _hub_error(spec, err) from err
     return getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
+
+
+def source_fingerprint(spec: str) -> str:
+    """A cheap key of where the weights come from: each file's path, size and modification time (no reading)."""
+    src, kwargs = _source(spec)
+    path = Path(src)
+    files = [path / kwargs["gguf_file"]] if "gguf_file" in kwargs else sorted(p for p in path.glob("*") if p.is_file()) \
+        if path.is_dir() else []
+    h = hashlib.sha256(src.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

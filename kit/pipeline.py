@@ -37,7 +37,8 @@ from . import distributed, ekfac, influence, store
 from .config import FitConfig, ScoreConfig, config_hash, from_dict, to_dict
 from .corpus import (InputError, TokenStore, Tokenised, build_token_store, check_corpus, load_queries, make_batches,
                      tokenise_queries)
-from .models import context_length, load_model, load_tokenizer, model_fingerprint, tokenizer_fingerprint, tracked_modules
+from .models import (context_length, load_model, load_tokenizer, model_fingerprint, source_fingerprint,
+                     tokenizer_fingerprint, tracked_modules)
 
 DTYPE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -218,7 +219,8 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool) -> Path:
         shutil.copyfile(run.docs.path / "documents.parquet", out / "documents.parquet")
         conf = _read_config(out)
         _update_config(out, fit=to_dict(cfg), factor_key=run.factor_key, fit_corpus=run.docs.key,
-                       model_key=run.model_key, max_tokens=run.max_tokens, documents_note=run.docs.note,
+                       model_key=run.model_key, model_source=source_fingerprint(cfg.model), max_tokens=run.max_tokens,
+                       documents_note=run.docs.note,
                        modules=list(run.modules),
                        latest_scores=conf.get("latest_scores") if conf.get("factor_key") == run.factor_key else None)
     batches = run.doc_batches()
@@ -387,8 +389,13 @@ def open_run(run: Union[str, Path], quiet: bool = False, device: Optional[str] =
     cfg = from_dict(FitConfig, conf["fit"])
     tokenizer = load_tokenizer(cfg.model)
     r = Run(run, cfg, quiet, device=device, dtype=dtype, tokenizer=tokenizer, docs=_open_store(run, conf["fit_corpus"]))
-    if r.model_key != conf["model_key"]:
+    # the weights in the fit's dtype hash to the fit's key; in another dtype (bf16 scoring of a float32 fit) the
+    # weight files themselves are checked unchanged instead
+    same = r.model_key == conf["model_key"] if r.dtype == cfg.dtype else \
+        source_fingerprint(cfg.model) == conf.get("model_source")
+    if not same:
         raise InputError(f"the model {cfg.model} changed since {run} was fitted; run `kit fit` again")
+    r.factor_key = conf["factor_key"]
     return r
 
 
@@ -416,12 +423,12 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
     qtok = tokenise_queries(queries, run.tokenizer, run.context)
     damping = run.cfg.damping
     key = config_hash(run.factor_key, docs.key, qtok.fingerprint(), list(queries["id"]), damping, cfg.query_rank,
-                      "score-v2")
+                      run.dtype, "score-v2")
     sdir = run_dir / "scores" / key
     sdir.mkdir(parents=True, exist_ok=True)
     Q, D = len(queries), len(docs)
     made = {"score_key": key}
-    entry = {**to_dict(cfg), "damping": damping, "factor_key": run.factor_key, "corpus": docs.key}
+    entry = {**to_dict(cfg), "damping": damping, "factor_key": run.factor_key, "corpus": docs.key, "dtype": run.dtype}
     with _stage_lock(sdir / ".lock"):
         if _scores_complete(sdir, key):
             _say(f"scores {key} already computed; reusing them", quiet)

@@ -28,11 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import numpy as np
-import torch
-
 from .config import _help, parse_rank
-from .corpus import InputError
+from .errors import InputError
 
 GiB = 2**30
 
@@ -88,6 +85,8 @@ def _peak() -> int:
 
 
 def _available(device: str) -> float:
+    import torch
+
     if device.startswith("cuda"):
         return float(torch.cuda.get_device_properties(torch.device(device)).total_memory)
     return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
@@ -95,6 +94,8 @@ def _available(device: str) -> float:
 
 def _model(cfg: PlanConfig, device: str):
     """``(model, tokenizer, has_weights)``; a configuration-only directory gives a model on the meta device."""
+    import torch
+
     from pathlib import Path
 
     from .models import _source, load_model, load_tokenizer
@@ -117,9 +118,13 @@ def _model(cfg: PlanConfig, device: str):
     return model, tok, False
 
 
-def plan(cfg: PlanConfig, quiet: bool = True) -> Dict:
+def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     """The plan as a dictionary: ``inputs``, ``memory`` (bytes per part and per stage), ``time`` (seconds),
-    ``available`` (bytes) and ``advice`` (one line per stage that will not fit or will take long)."""
+    ``available`` (bytes) and ``advice`` (one line per stage that will not fit or will take long).
+    ``startup_s``: what starting a process and importing the kit costs (the command line measures its own)."""
+    import numpy as np
+    import torch
+
     from . import ekfac, influence
     from .corpus import build_token_store, count_records, make_batches
     from .models import tracked_modules
@@ -221,11 +226,13 @@ def plan(cfg: PlanConfig, quiet: bool = True) -> Dict:
     # -- time
     times = None
     if timing:
-        fit_passes = 2 - min(1.0, cache / max(1.0, padded_tokens / cfg.nproc * per_token_cache))
-        start = load_s + tokenise_s * n_docs  # model load, and tokenising the corpus once (process 0)
-        times = {"fit": start + fit_passes * padded_tokens / cfg.nproc * timing["fit_s_per_token"] + timing["eigh_s"],
-                 "score": load_s + padded_tokens / cfg.nproc * timing["score_s_per_token"] + Q * timing["query_s"]}
-        timing.update(model_load_s=load_s, tokenise_s_per_doc=tokenise_s)
+        cached = min(1.0, cache / max(1.0, padded_tokens / cfg.nproc * per_token_cache))  # share replayed
+        per_token = timing["fit_s_per_token"] * (2 - cached) + timing["replay_s_per_token"]  # two passes, less cache
+        start = startup_s + load_s + tokenise_s * n_docs  # start-up, model load, tokenising the corpus once
+        times = {"fit": start + padded_tokens / cfg.nproc * per_token + timing["eigh_s"],
+                 "score": startup_s + load_s + padded_tokens / cfg.nproc * timing["score_s_per_token"]
+                 + Q * timing["query_s"]}
+        timing.update(model_load_s=load_s, tokenise_s_per_doc=tokenise_s, startup_s=startup_s)
 
     advice = []
     if peaks["fit"] > 0.9 * avail:
@@ -261,7 +268,7 @@ def plan(cfg: PlanConfig, quiet: bool = True) -> Dict:
                                        "factors": eig + lam}, "advice": advice}
 
 
-def _padding_ratio(lengths: np.ndarray, batch_size: int, max_batch_tokens: Optional[int]) -> float:
+def _padding_ratio(lengths, batch_size: int, max_batch_tokens: Optional[int]) -> float:
     """Padded tokens ÷ real tokens when the kit batches documents of these lengths (sorted, longest first)."""
     from types import SimpleNamespace
 
@@ -274,13 +281,17 @@ def _padding_ratio(lengths: np.ndarray, batch_size: int, max_batch_tokens: Optio
 
 def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet: bool) -> Dict:
     """Time and peak memory of the kit's own passes on the longest batches of a corpus sample."""
+    import torch
+
     from . import ekfac, influence
     from .corpus import Batch, make_batches
 
     cuda = device.startswith("cuda")
     batches = make_batches(store, cfg.batch_size, int(tok.pad_token_id), max_batch_tokens=cfg.max_batch_tokens)
     n = min(3, len(batches))
-    sub = [batches[i] for i in range(n)]
+    # the longest batch (first: documents are sorted by length) for the activation peak; for the time, batches
+    # from the start, the middle and the end of the length distribution
+    sub = [batches[i] for i in sorted({0, len(batches) // 2, len(batches) - 1})]
     factors = ekfac.new_factors(mods, torch.float64 if cfg.factor_dtype == "float64" else torch.float32)
     if cuda:
         torch.cuda.synchronize()
@@ -297,13 +308,26 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
         act = torch.cuda.max_memory_allocated(device) - base
     else:
         act = _peak() - base
+    cache = influence.TokenCache(float("inf"))
+    loss = lambda b: influence.token_losses(model, b, "sampled", 0)  # noqa: E731
     t0 = time.perf_counter()
-    influence.run_pass(model, mods, sub, ekfac.accumulate_covariances(factors),
-                       lambda b: influence.token_losses(model, b, "sampled", 0), "plan", progress=False)
+    influence.run_pass(model, mods, sub, cache.record(ekfac.accumulate_covariances(factors)), loss, "plan",
+                       progress=False, after_batch=lambda i, b, _: cache.commit(i))
     if cuda:
         torch.cuda.synchronize()
     tok_fit = sum(b.input_ids.numel() for b in sub)
     fit_s = (time.perf_counter() - t0) / tok_fit
+    # the eigenvalue correction replayed from the token cache (the model is not run again)
+    for f in factors.values():
+        f.n_tokens = max(1, tok_fit)
+    ekfac.eigendecompose(factors)
+    t0 = time.perf_counter()
+    influence.run_pass(model, mods, sub, ekfac.accumulate_lambda(factors), loss, "plan", progress=False,
+                       replay=cache)
+    if cuda:
+        torch.cuda.synchronize()
+    replay_s = (time.perf_counter() - t0) / tok_fit
+    del cache
     # scoring: random preconditioned queries of the planned shape and rank
     Q = cfg.n_queries
     pq = influence.PreconditionedQueries(rank=None if rank == "full" else int(rank))
@@ -314,6 +338,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
         else:
             pq.left[name] = torch.randn(Q, f.d_out, int(rank), generator=gen).to(device, f.dtype)
             pq.right[name] = torch.randn(Q, int(rank), f.d_in, generator=gen).to(device, f.dtype)
+    influence.score_documents(model, mods, pq, sub[:1], len(store), sink=lambda *a: None, progress=False)  # warm-up
     t0 = time.perf_counter()
     influence.score_documents(model, mods, pq, sub, len(store), sink=lambda *a: None, progress=False)
     if cuda:
@@ -341,9 +366,21 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
                     torch.cuda.synchronize()
                 seen[d] = time.perf_counter() - t0
             eigh_s += seen[d]
-    return {"fit_s_per_token": fit_s, "score_s_per_token": score_s, "query_s": query_s, "eigh_s": eigh_s,
+    return {"fit_s_per_token": fit_s, "replay_s_per_token": replay_s, "score_s_per_token": score_s, "query_s": query_s, "eigh_s": eigh_s,
             "activation_bytes": max(0, act), "baseline_bytes": base if not cuda else 0,
             "measured_batches": n}
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux ``/proc``), i.e. what interpreter start and imports cost so far."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as fh:
+            start = int(fh.read().rsplit(")", 1)[1].split()[19]) / ticks
+        with open("/proc/uptime") as fh:
+            return float(fh.read().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def render(p: Dict) -> str:

@@ -91,3 +91,25 @@ def test_a_killed_two_process_run_resumes(smoke_world, one_process, tmp_path):
         "--nproc", 2)
     a, b = kit.load_scores(one_process).to_numpy(), kit.load_scores(run).to_numpy()
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def test_two_jobs_scoring_one_run_at_once_are_safe(smoke_world, one_process, tmp_path):
+    """Two independent `kit score` jobs on the same run and queries: one computes under the stage lock, the other
+    waits and reuses the result; nobody truncates a file the other has memory-mapped."""
+    import shutil
+
+    run = tmp_path / "shared"
+    shutil.copytree(one_process, run, ignore=shutil.ignore_patterns("scores"))
+    conf = json.loads((run / "config.json").read_text())
+    conf.pop("scores"), conf.pop("latest_scores")
+    (run / "config.json").write_text(json.dumps(conf))
+    args = [sys.executable, "-m", "kit", "score", "--run", str(run), "--queries", smoke_world["queries"],
+            "--device", "cpu", "--batch-size", "8"]
+    procs = [subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    said = "".join(o for o, _ in outs)
+    assert said.count("already computed; reusing them") == 1  # exactly one of them waited and reused
+    a = kit.load_scores(one_process).to_numpy()
+    np.testing.assert_allclose(kit.load_scores(run).to_numpy(), a, rtol=1e-5, atol=1e-6 * np.abs(a).max())

@@ -249,3 +249,20 @@ def test_low_rank_without_lambda_is_a_factor_error():
         f.precondition_low_rank(torch.ones(2, 4, 3), 1)
     with pytest.raises(FactorError, match="corrected eigenvalues are missing"):
         f.precondition(torch.ones(2, 4, 3))
+
+
+def test_scoring_a_float32_fit_in_bfloat16(run_a, smoke_world, tmp_path):
+    """`score --dtype bfloat16` on a float32 fit: the weight files are checked unchanged (their bytes in bf16 differ
+    from the fit's), the factors are reused, and the bf16 scores are kept apart from the float32 ones."""
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    kit.score(run, ScoreConfig(queries=smoke_world["queries"]), quiet=True)
+    f32 = kit.load_scores(run).to_numpy()
+    before = json.loads((run / "config.json").read_text())
+    assert main(["score", "--run", str(run), "--queries", smoke_world["queries"], "--dtype", "bfloat16"]) == 0
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["scores"][conf["latest_scores"]]["dtype"] == "bfloat16"
+    assert len(conf["scores"]) == len(before["scores"]) + 1 and conf["latest_scores"] != before["latest_scores"]
+    b16 = kit.load_scores(run).to_numpy()
+    assert not np.array_equal(b16, f32)
+    assert min(np.corrcoef(f32[i], b16[i])[0, 1] for i in range(len(f32))) >= 0.99

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from ..config import FindingsConfig
 from . import answers, correlations, magnitude, procedures, sources
 from .data import SOURCES, TASK_ORDER, RunData, from_arrays, group_of, load_run
 
@@ -34,27 +35,6 @@ FINDINGS = {
     "F5_sources": ("Code, StackExchange and maths are over-represented among the top documents for reasoning",
                    sources),
 }
-
-
-@dataclass
-class FindingsConfig:
-    """How the findings are computed (every field can be overridden from the command line / notebook parameters)."""
-
-    kind: str = field(default="per_nat", metadata={"help": "score variant: per_nat (paper), raw or normalized"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals"})
-    seed: int = field(default=0, metadata={"help": "seed of the bootstraps"})
-    answer_k: Optional[int] = field(default=None, metadata={
-        "help": "top-k searched for answers (default: the paper's 500 of 5M scaled to the run, at least 10)"})
-    procedure_k: Optional[int] = field(default=None, metadata={
-        "help": "top-k characterised for procedures (default: the paper's 100 of 5M scaled, at least 10)"})
-    powerlaw_top: int = field(default=500, metadata={"help": "top documents of each ranking fitted by a power law"})
-    magnitude_fraction: float = field(default=0.01, metadata={
-        "help": "top fraction of documents whose total influence per nat is compared (the paper's 50k of 5M)"})
-    source_fractions: Optional[List[float]] = field(default=None, metadata={
-        "help": "top/bottom cuts as fractions of the documents (default: the paper's 1e-5..1e-1 that fit)"})
-
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def compute(runs: Sequence[RunData], cfg: FindingsConfig = FindingsConfig(), only: Optional[Sequence[str]] = None
