@@ -128,8 +128,13 @@ def corpus_store(run: Path, corpus: Union[str, Path], tokenizer, max_tokens: int
 
 
 def _store_ok(path: Path) -> bool:
-    return path.is_dir() and all(store.is_valid(path / n) for n in ("offsets.npy", "meta.json", "documents.parquet")) \
-        and store.is_valid(path / "tokens.bin", None)
+    """A token store is reused when its small files match their checksums and its tokens their recorded size."""
+    try:
+        for n in ("offsets.npy", "meta.json", "documents.parquet", "tokens.bin"):
+            store.verify(path / n, checksum=n != "tokens.bin")
+        return True
+    except store.StoreError:
+        return False
 
 
 def _open_store(run: Path, key: str) -> TokenStore:
