@@ -194,9 +194,11 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     if cfg.max_batch_tokens:
         B = max(1, min(B, cfg.max_batch_tokens // max(1, longest)))
     batch_tokens = B * longest
-    if timing and "activation_bytes" in timing:
+    if timing and timing.get("activation_bytes", 0) > 0:
         activations = timing["activation_bytes"]
-    else:
+    else:  # not measured, or the peak did not move (a long-lived process reuses memory it freed before)
+        if timing:
+            timing["activation_source"] = "estimated"
         h = getattr(model.config, "hidden_size", 0) or 0
         inter = getattr(model.config, "intermediate_size", 4 * h) or 4 * h
         L = getattr(model.config, "num_hidden_layers", 1) or 1
@@ -367,7 +369,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
                 seen[d] = time.perf_counter() - t0
             eigh_s += seen[d]
     return {"fit_s_per_token": fit_s, "replay_s_per_token": replay_s, "score_s_per_token": score_s, "query_s": query_s, "eigh_s": eigh_s,
-            "activation_bytes": max(0, act), "baseline_bytes": base if not cuda else 0,
+            "activation_bytes": max(0, act), "activation_source": "measured", "baseline_bytes": base if not cuda else 0,
             "measured_batches": n}
 
 

@@ -23,7 +23,9 @@ def test_plan_counts_the_factor_and_query_memory_from_the_shapes(smoke_world):
     assert p["memory"]["score"]["factors (eigenbases, Λ)"] == sum(i * i + o * o + i + o + o * i for o, i in layers) * 4
     assert p["memory"]["score"]["score store pages (memory-mapped)"] == 6 * 160 * 4 + 160 * 8
     assert p["time"]["fit"] > 0 and p["time"]["score"] > 0 and p["timing"]["fit_s_per_token"] > 0
-    assert p["memory"]["fit"]["activations of one batch"] > 0  # measured on the longest batch
+    # measured on the longest batch; a long-lived test process may reuse freed memory, then it is estimated
+    assert p["memory"]["fit"]["activations of one batch"] > 0
+    assert p["timing"]["activation_source"] in ("measured", "estimated")
     low = plan(PlanConfig(model=smoke_world["model"], corpus=smoke_world["corpus"], n_queries=100, query_rank="4",
                           device="cpu", measure=False))
     assert low["memory"]["score"]["preconditioned query gradients"] == 100 * sum(4 * (o + i) for o, i in layers) * 4
