@@ -20,9 +20,8 @@ processes give the factors and scores of one on a laptop). Multi-node runs use t
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist

@@ -23,7 +23,6 @@ Fit on a sample, score everything (Grosse et al.): ``kit fit --corpus FIT --n-do
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from . import distributed, ekfac, influence, store
 from .config import FitConfig, ScoreConfig, config_hash, from_dict, to_dict
-from .corpus import (InputError, TokenStore, Tokenised, build_token_store, check_corpus, load_queries, make_batches,
+from .corpus import (InputError, TokenStore, build_token_store, check_corpus, load_queries, make_batches,
                      tokenise_queries)
 from .models import (context_length, load_model, load_tokenizer, model_fingerprint, source_fingerprint,
                      tokenizer_fingerprint, tracked_modules)
