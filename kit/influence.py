@@ -194,7 +194,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 state: Optional[FitState] = None, checkpoint: Optional[Callable] = None,
                 checkpoint_every: int = 0, progress: bool = True,
                 cache_bytes: float = 0, factor_dtype: Optional[torch.dtype] = None,
-                keep_covariances: bool = False) -> Dict[str, ekfac.LayerFactors]:
+                keep_covariances: bool = False, stopwatch=None) -> Dict[str, ekfac.LayerFactors]:
     """Covariances → eigendecomposition → corrected eigenvalues over ``batches`` of documents.
 
     ``checkpoint(state, factors)`` is called every ``checkpoint_every`` batches and at the end of each stage;
@@ -202,7 +202,8 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
     covariance pass keeps up to that many bytes of per-token ``(a, g)`` (:class:`TokenCache`) and the correction
     pass replays them instead of recomputing those batches: same factors, one forward + backward fewer per
     cached batch. ``factor_dtype``: float32 by default (float64 for a float64 model); ``keep_covariances`` keeps
-    ``A`` and ``S`` after the eigendecomposition.
+    ``A`` and ``S`` after the eigendecomposition. ``stopwatch`` (a :class:`kit.timing.Stopwatch`) gets the time of
+    each pass (checkpoints written during a pass included), the eigendecomposition and the stage-end writes.
 
     Under ``torchrun`` each process passes its own shard of the batches (``Batches.shard``): the sums of each pass
     (covariances and token counts, Λ and sequence counts) are all-reduced at the end of the pass, and the layers'
@@ -226,6 +227,9 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 checkpoint(FitState(state.stage, i + 1), factors)
         return after
 
+    from .timing import Stopwatch
+
+    sw = stopwatch if stopwatch is not None else Stopwatch()
     cache = TokenCache(cache_bytes)
     if state.stage == "covariance":
         count = counting("covariance")
@@ -234,21 +238,27 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
             cache.commit(i)
             count(i, b, losses)
 
-        run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
-                 "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance, progress=progress)
-        _reduce_covariances(factors, model)
-        _eigendecompose_shared(factors, progress, keep_covariances)
+        with sw("covariance pass"):
+            run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
+                     "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance, progress=progress)
+            _reduce_covariances(factors, model)
+        with sw("eigendecomposition"):
+            _eigendecompose_shared(factors, progress, keep_covariances)
         state = FitState("lambda", 0)
         if checkpoint is not None:
-            checkpoint(state, factors)
+            with sw("writing"):
+                checkpoint(state, factors)
     if state.stage == "lambda":
-        run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn, "EK-FAC eigenvalue correction",
-                 start=state.next_batch, after_batch=counting("lambda"), progress=progress, replay=cache)
-        _reduce_lambda(factors, model)
-        ekfac.finalise_lambda(factors)
+        with sw("eigenvalue correction"):
+            run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn,
+                     "EK-FAC eigenvalue correction", start=state.next_batch, after_batch=counting("lambda"),
+                     progress=progress, replay=cache)
+            _reduce_lambda(factors, model)
+            ekfac.finalise_lambda(factors)
         state = FitState("done", 0)
         if checkpoint is not None:
-            checkpoint(state, factors)
+            with sw("writing"):
+                checkpoint(state, factors)
     return factors
 
 

@@ -36,8 +36,11 @@ from . import distributed, ekfac, influence, store
 from .config import FitConfig, ScoreConfig, config_hash, from_dict, to_dict
 from .corpus import (InputError, TokenStore, build_token_store, check_corpus, load_queries, make_batches,
                      tokenise_queries)
+from .timing import Stopwatch
 from .models import (context_length, load_model, load_tokenizer, model_fingerprint, source_fingerprint,
                      tokenizer_fingerprint, tracked_modules)
+
+STARTUP_S = 0.0  # set by the command line: seconds from process start to the command (interpreter, imports)
 
 DTYPE = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,22 +159,29 @@ class Run:
     """An opened run directory: model (on its device, in its dtype), tokenizer, tracked modules, fit corpus."""
 
     def __init__(self, path: Union[str, Path], cfg: FitConfig, quiet: bool = False, device: Optional[str] = None,
-                 dtype: Optional[str] = None, tokenizer=None, docs: Optional[TokenStore] = None):
+                 dtype: Optional[str] = None, tokenizer=None, docs: Optional[TokenStore] = None,
+                 stopwatch: Optional[Stopwatch] = None):
         self.path, self.cfg, self.quiet = Path(path), cfg, quiet
+        self.stopwatch = sw = stopwatch if stopwatch is not None else Stopwatch()
+        if STARTUP_S:
+            sw.add("start-up and imports", STARTUP_S)
         self.device = resolve_device(device or cfg.device)
         self.dtype = dtype or cfg.dtype
         _, self.device = distributed.setup(self.device)
-        self.tokenizer = tokenizer or load_tokenizer(cfg.model)
-        ctx = context_length(cfg.model)
+        with sw("model load"):
+            self.tokenizer = tokenizer or load_tokenizer(cfg.model)
+            ctx = context_length(cfg.model)
         self.max_tokens = cfg.max_tokens or min(512, ctx or 512)
         if ctx and self.max_tokens > ctx:
             raise InputError(f"--max-tokens {self.max_tokens} exceeds the model's context of {ctx} tokens")
         self.context = ctx
-        self.docs = docs or corpus_store(self.path, cfg.corpus, self.tokenizer, self.max_tokens, cfg.long_docs,
-                                         cfg.n_docs, cfg.seed, quiet)
-        self.model, _ = load_model(cfg.model, DTYPE[self.dtype], self.device, tokenizer=self.tokenizer)
-        self.modules = tracked_modules(self.model, cfg.modules)
-        self.model_key = model_fingerprint(self.model, self.modules)
+        with sw("tokenising"):
+            self.docs = docs or corpus_store(self.path, cfg.corpus, self.tokenizer, self.max_tokens, cfg.long_docs,
+                                             cfg.n_docs, cfg.seed, quiet)
+        with sw("model load"):
+            self.model, _ = load_model(cfg.model, DTYPE[self.dtype], self.device, tokenizer=self.tokenizer)
+            self.modules = tracked_modules(self.model, cfg.modules)
+            self.model_key = model_fingerprint(self.model, self.modules)
         self.factor_key = config_hash(self.model_key, self.docs.key, list(self.modules), cfg.fisher, cfg.seed,
                                       cfg.dtype, cfg.factor_dtype, "ekfac-v2")
 
@@ -263,8 +273,11 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool) -> Path:
         influence.fit_factors(run.model, run.modules, batches.shard(d.rank, d.world), cfg.fisher, cfg.seed, factors,
                               state, checkpoint, cfg.checkpoint_every, progress=not quiet,
                               cache_bytes=cfg.cache_gb * 2**30, factor_dtype=run.factor_dtype,
-                              keep_covariances=cfg.keep_covariances)
+                              keep_covariances=cfg.keep_covariances, stopwatch=run.stopwatch)
     _say(f"factors fitted in {time.time() - t0:.1f}s → {fdir}", quiet)
+    _say(f"time: {run.stopwatch.summary()}", quiet)
+    if d.main:
+        _update_config(out, fit_timings=run.stopwatch.as_dict())
     return out
 
 
@@ -420,9 +433,11 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
         check_corpus(cfg.corpus)
     run = run or open_run(run_dir, quiet, cfg.device, cfg.dtype)
     d = distributed.current()
+    sw = run.stopwatch
     docs = run.docs
     if cfg.corpus:
-        docs = corpus_store(run_dir, cfg.corpus, run.tokenizer, run.max_tokens, run.cfg.long_docs, None, 0, quiet)
+        with sw("tokenising"):
+            docs = corpus_store(run_dir, cfg.corpus, run.tokenizer, run.max_tokens, run.cfg.long_docs, None, 0, quiet)
     factors = load_factors(run_dir, run.modules, run.factor_key, device=run.device)
     qtok = tokenise_queries(queries, run.tokenizer, run.context)
     damping = run.cfg.damping
@@ -449,8 +464,9 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
             raise InputError(f"the scoring in {sdir} was started with {done.get('signature')}; resume it with the "
                              f"same --batch-size and number of processes, or delete {sdir} to start over")
         qbatches = make_batches(qtok, cfg.query_batch_size, run.pad_id)
-        pq, nats = influence.preconditioned_queries(run.model, run.modules, factors, qbatches, Q, damping, cfg.rank,
-                                                    progress=not quiet)
+        with sw("query gradients"):
+            pq, nats = influence.preconditioned_queries(run.model, run.modules, factors, qbatches, Q, damping,
+                                                        cfg.rank, progress=not quiet)
         if d.main:
             table = _arrow_safe(qtok.table.copy())
             table["nats"] = nats.numpy()
@@ -480,24 +496,28 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
 
         shard = batches.shard(d.rank, d.world)
         t0 = time.time()
-        influence.score_documents(run.model, run.modules, pq, shard, D, start=start, sink=sink, progress=not quiet)
-        raw.flush(), norms.flush()
-        store.write_json(progress_file, {"next_batch": len(shard), "signature": signature})
-        distributed.barrier()
+        with sw("scoring pass"):
+            influence.score_documents(run.model, run.modules, pq, shard, D, start=start, sink=sink,
+                                      progress=not quiet)
+            raw.flush(), norms.flush()
+            store.write_json(progress_file, {"next_batch": len(shard), "signature": signature})
+            distributed.barrier()
         if d.main:
-            store.seal(sdir / "raw.npy", made)
-            store.seal(sdir / "doc_grad_norm.npy", made)
-            ids = docs.columns("id")["id"].to_numpy()
-            top = store.top_k_table(raw, nats.numpy(), np.asarray(norms), list(queries["id"]), ids, cfg.top_k)
-            top.to_parquet(sdir / "topk.parquet")
-            store.seal(sdir / "topk.parquet", made)
-            store.write_json(sdir / "done.json", {"score_key": key, "seconds": time.time() - t0, "queries": Q,
-                                                  "documents": D, "corpus": docs.key, "processes": d.world})
-            for p in sdir.glob("progress.rank*.json"):
-                p.unlink(missing_ok=True)
-            _publish(run_dir, sdir, key, entry)
+            with sw("writing"):
+                store.seal(sdir / "raw.npy", made)
+                store.seal(sdir / "doc_grad_norm.npy", made)
+                ids = docs.columns("id")["id"].to_numpy()
+                top = store.top_k_table(raw, nats.numpy(), np.asarray(norms), list(queries["id"]), ids, cfg.top_k)
+                top.to_parquet(sdir / "topk.parquet")
+                store.seal(sdir / "topk.parquet", made)
+                store.write_json(sdir / "done.json", {"score_key": key, "seconds": time.time() - t0, "queries": Q,
+                                                      "documents": D, "corpus": docs.key, "processes": d.world})
+                for p in sdir.glob("progress.rank*.json"):
+                    p.unlink(missing_ok=True)
+            _publish(run_dir, sdir, key, {**entry, "timings": sw.as_dict()})
         distributed.barrier()
     _say(f"scored {Q} queries × {D} documents in {time.time() - t0:.1f}s → {sdir}", quiet)
+    _say(f"time: {sw.summary()}", quiet)
     return sdir
 
 

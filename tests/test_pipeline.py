@@ -32,6 +32,11 @@ def test_run_directory_layout(fitted):
     assert isinstance(raw, np.memmap) and raw.shape == (6, 160)
     q = pd.read_parquet(fitted / "queries.parquet")
     assert {"id", "prompt", "completion", "task", "nats"} <= set(q.columns) and (q["nats"] > 0).all()
+    # where the time went, per stage, kept in the run's config
+    fit_t, score_t = conf["fit_timings"], conf["scores"][conf["latest_scores"]]["timings"]
+    assert {"model load", "tokenising", "covariance pass", "eigendecomposition", "eigenvalue correction",
+            "writing"} <= set(fit_t) and all(v >= 0 for v in fit_t.values())
+    assert {"query gradients", "scoring pass", "writing"} <= set(score_t) and score_t["scoring pass"] > 0
 
 
 def test_load_scores_kinds(fitted):
