@@ -257,8 +257,8 @@ def _chunk_rows(docs: pd.DataFrame, enc: List[List[int]], offsets: Optional[list
     """Rows (metadata + the piece's own text) and token lists of the pieces of a batch of documents."""
     rows, pieces = [], []
     extra = [c for c in docs.columns if c not in ("id", "text", "source")]
-    for r, (doc, toks) in enumerate(zip(docs.itertuples(index=False), enc)):
-        d = doc._asdict() if hasattr(doc, "_asdict") else dict(zip(docs.columns, doc))
+    for r, (doc, toks) in enumerate(zip(docs.itertuples(index=False, name=None), enc)):
+        d = dict(zip(docs.columns, doc))  # plain tuples: column names that are not identifiers stay as they are
         if len(toks) < 2:
             raise InputError(f"document {d['id']!r} has fewer than 2 tokens; it has no next-token loss")
         spans = _pieces(toks, max_tokens, long_docs)
@@ -438,9 +438,9 @@ def build_token_store(source: Union[str, Path, pd.DataFrame], tokenizer, out_dir
                     raise InputError(f"{where}: rows {seen - rows_here}–{seen} have columns or types that differ from "
                                      f"earlier rows ({err}); give every row the same columns") from None
                 writer.write_table(table)
-        bar.close()
         if writer is not None:
             writer.close()
+            writer = None
         if n_in == 0:
             raise InputError(f"{where} is empty: it needs at least one document with id, text, source")
         _check_duplicates(np.concatenate(hashes), tmp / "documents.parquet", where)

@@ -230,8 +230,9 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool) -> Path:
     fdir = out / "factors" / run.factor_key
     fdir.mkdir(parents=True, exist_ok=True)
     if d.main:
-        shutil.copyfile(run.docs.path / "documents.parquet", out / "documents.parquet")
         conf = _read_config(out)
+        if conf.get("fit_corpus") != run.docs.key or not (out / "documents.parquet").exists():
+            shutil.copyfile(run.docs.path / "documents.parquet", out / "documents.parquet")
         _update_config(out, fit=to_dict(cfg), factor_key=run.factor_key, fit_corpus=run.docs.key,
                        model_key=run.model_key, model_source=source_fingerprint(cfg.model), max_tokens=run.max_tokens,
                        documents_note=run.docs.note,

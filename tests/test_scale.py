@@ -266,3 +266,11 @@ def test_scoring_a_float32_fit_in_bfloat16(run_a, smoke_world, tmp_path):
     b16 = kit.load_scores(run).to_numpy()
     assert not np.array_equal(b16, f32)
     assert min(np.corrcoef(f32[i], b16[i])[0, 1] for i in range(len(f32))) >= 0.99
+
+
+def test_extra_columns_with_any_name_are_kept(smoke_world, tmp_path):
+    tok = load_tokenizer(smoke_world["model"])
+    df = pd.DataFrame([{"id": "a", "text": "Paris is the capital of France.", "source": "wiki", "my label": 3},
+                       {"id": "b", "text": "Oslo is the capital of Norway.", "source": "wiki", "my label": 5}])
+    s = build_token_store(df, tok, tmp_path / "s", 4)
+    assert dict(zip(s.table["parent_id"], s.table["my label"])) == {"a": 3, "b": 5}
