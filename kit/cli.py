@@ -36,8 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--factor-dtype", default="float32", help=_h(FitConfig, "factor_dtype"))
     f.add_argument("--keep-covariances", action="store_true", help=_h(FitConfig, "keep_covariances"))
     f.add_argument("--device", default="auto", help=_h(FitConfig, "device"))
-    f.add_argument("--cache-gb", type=float, default=2.0, help=_h(FitConfig, "cache_gb"))
+    f.add_argument("--cache-gb", type=float, default=None, help=_h(FitConfig, "cache_gb"))
+    f.add_argument("--cache-on", choices=["auto", "memory", "disk"], default="auto", help=_h(FitConfig, "cache_on"))
     f.add_argument("--checkpoint-every", type=int, default=50, help=_h(FitConfig, "checkpoint_every"))
+    f.add_argument("--queries", default=None, help="also score these queries (as `kit score`) in the same process, "
+                   "right after the fit: one start-up instead of two, and with --fisher empirical the scoring pass "
+                   "replays the fit's token cache instead of running the model")
+    f.add_argument("--query-rank", default="full", help=_h(ScoreConfig, "query_rank") + " (with --queries)")
+    f.add_argument("--top-k", type=int, default=1000, help=_h(ScoreConfig, "top_k") + " (with --queries)")
+    f.add_argument("--query-batch-size", type=int, default=8, help=_h(ScoreConfig, "query_batch_size")
+                   + " (with --queries)")
     _nproc_arg(f)
 
     s = sub.add_parser("score", help="score queries against every document of a fitted run (or of --corpus)")
@@ -193,9 +201,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                             damping=args.damping, n_docs=args.n_docs, max_tokens=args.max_tokens, long_docs=args.long_docs,
                             batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, seed=args.seed,
                             dtype=args.dtype, factor_dtype=args.factor_dtype, keep_covariances=args.keep_covariances,
-                            device=args.device, cache_gb=args.cache_gb, checkpoint_every=args.checkpoint_every)
-            out = fit(cfg, args.out)
-            _main_print(f"run directory: {out}")
+                            device=args.device, cache_gb=args.cache_gb, cache_on=args.cache_on,
+                            checkpoint_every=args.checkpoint_every)
+            if args.queries:
+                from .pipeline import fit_and_score
+
+                sdir = fit_and_score(cfg, args.out, ScoreConfig(queries=args.queries, query_rank=args.query_rank,
+                                                                top_k=args.top_k,
+                                                                query_batch_size=args.query_batch_size))
+                _main_print(f"run directory: {args.out}\nscores: {sdir}  (kit.load_scores({str(args.out)!r}) reads them)")
+            else:
+                out = fit(cfg, args.out)
+                _main_print(f"run directory: {out}")
         elif args.cmd == "score":
             from .pipeline import score
 

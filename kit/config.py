@@ -42,9 +42,14 @@ class FitConfig:
     device: str = _help("'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each process "
                         "takes cuda:LOCAL_RANK", default="auto")
     checkpoint_every: int = _help("save partial factors every N batches so a killed fit resumes", default=50)
-    cache_gb: float = _help("memory (on the compute device) for keeping the covariance pass's per-token activations "
-                            "and pseudo-gradients, so the eigenvalue-correction pass replays them instead of running "
-                            "the model again (identical factors); 0 disables", default=2.0)
+    cache_gb: Optional[float] = _help(
+        "token cache budget (GiB): the covariance pass's per-token activations and pseudo-gradients are kept for the "
+        "eigenvalue-correction pass — and, with --fisher empirical, for the scoring pass of `fit --queries` — which "
+        "then replay them instead of running the model again (identical results); 0 disables. Default 2 in "
+        "memory, 8 on disk (at most half the free space)", default=None)
+    cache_on: str = _help("where the token cache lives: 'memory' (on the compute device), 'disk' (a temporary file "
+                          "in the run directory, read back through the OS page cache, so the process holds one "
+                          "batch), or 'auto' (memory on a GPU, disk on a CPU)", default="auto")
 
     def validate(self) -> "FitConfig":
         if self.fisher not in ("sampled", "empirical"):
@@ -58,8 +63,10 @@ class FitConfig:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.n_docs is not None and self.n_docs < 1:
             raise InputError(f"--n-docs must be at least 1, got {self.n_docs}")
-        if not self.cache_gb >= 0:
+        if self.cache_gb is not None and not self.cache_gb >= 0:
             raise InputError(f"--cache-gb must be a non-negative number of GiB, got {self.cache_gb!r}")
+        if self.cache_on not in ("auto", "memory", "disk"):
+            raise InputError(f"--cache-on must be auto, memory or disk, got {self.cache_on!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.factor_dtype not in ("float32", "float64"):

@@ -162,6 +162,7 @@ class Run:
                  dtype: Optional[str] = None, tokenizer=None, docs: Optional[TokenStore] = None,
                  stopwatch: Optional[Stopwatch] = None):
         self.path, self.cfg, self.quiet = Path(path), cfg, quiet
+        self.token_cache: Optional[influence.TokenCache] = None  # the fit's, kept for a scoring pass in this process
         self.stopwatch = sw = stopwatch if stopwatch is not None else Stopwatch()
         if STARTUP_S:
             sw.add("start-up and imports", STARTUP_S)
@@ -209,20 +210,51 @@ def fit(cfg: FitConfig, out: Union[str, Path], quiet: bool = False) -> Path:
     The corpus is checked before the model is loaded; a fit that fails before it saved anything leaves no run
     directory behind.
     """
+    return _fit_run(cfg, Path(out), quiet).path
+
+
+def fit_and_score(cfg: FitConfig, out: Union[str, Path], score_cfg: ScoreConfig, quiet: bool = False) -> Path:
+    """:func:`fit`, then :func:`score` in the same process (``kit fit --queries``); returns the scores directory.
+
+    One start-up and model load instead of two, and with ``--fisher empirical`` the scoring pass replays the fit's
+    token cache (the documents' ``(a, g)`` are the same under the same loss) instead of running the model again.
+    """
+    score_cfg.validate()
+    load_queries(score_cfg.queries)  # a bad queries file fails before the fit, not after it
+    run = _fit_run(cfg, Path(out), quiet, keep_cache=True)
+    try:
+        return score(run.path, score_cfg, quiet, run=run)
+    finally:
+        if run.token_cache is not None:
+            run.token_cache.close()
+            run.token_cache = None
+
+
+def _fit_run(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -> "Run":
     cfg.validate()
     resolve_device(cfg.device)
     check_corpus(cfg.corpus)
-    out = Path(out)
     created = not out.exists()
     try:
-        return _fit(cfg, out, quiet)
+        return _fit(cfg, out, quiet, keep_cache)
     except BaseException:
         if created and distributed.current().main and not any(out.glob("factors/*/state*.json")):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _fit(cfg: FitConfig, out: Path, quiet: bool) -> Path:
+def token_cache(cfg: FitConfig, device: str, where: Path) -> "influence.TokenCache":
+    """The fit's :class:`~kit.influence.TokenCache`: in memory on a GPU, spilled to a file in ``where`` on a CPU
+    (``--cache-on``), up to ``--cache-gb`` (default 2 GiB in memory; 8 GiB on disk, at most half the free space)."""
+    on_disk = cfg.cache_on == "disk" or (cfg.cache_on == "auto" and not str(device).startswith("cuda"))
+    gb = cfg.cache_gb if cfg.cache_gb is not None else (8.0 if on_disk else 2.0)
+    budget = gb * 2**30
+    if on_disk:
+        budget = min(budget, shutil.disk_usage(where).free / 2)
+    return influence.TokenCache(budget, directory=where if on_disk else None)
+
+
+def _fit(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -> "Run":
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, cfg, quiet)
     d = distributed.current()
@@ -245,7 +277,7 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool) -> Path:
         state = _fit_state(fdir, made, signature, quiet)
         if state.stage == "done":
             _say(f"factors {run.factor_key} already fitted; reusing them", quiet)
-            return out
+            return run
         factors = _load_partial(fdir, run, state, made)
         if state.stage != "covariance" or state.next_batch:
             _say(f"resuming the fit at stage '{state.stage}', batch {state.next_batch}", quiet)
@@ -271,15 +303,25 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool) -> Path:
             (fdir / f"state.rank{d.rank}.json").unlink(missing_ok=True)
 
         t0 = time.time()
-        influence.fit_factors(run.model, run.modules, batches.shard(d.rank, d.world), cfg.fisher, cfg.seed, factors,
-                              state, checkpoint, cfg.checkpoint_every, progress=not quiet,
-                              cache_bytes=cfg.cache_gb * 2**30, factor_dtype=run.factor_dtype,
-                              keep_covariances=cfg.keep_covariances, stopwatch=run.stopwatch)
+        cache = token_cache(cfg, run.device, fdir)
+        cache.signature = signature
+        try:
+            influence.fit_factors(run.model, run.modules, batches.shard(d.rank, d.world), cfg.fisher, cfg.seed,
+                                  factors, state, checkpoint, cfg.checkpoint_every, progress=not quiet,
+                                  factor_dtype=run.factor_dtype, keep_covariances=cfg.keep_covariances,
+                                  stopwatch=run.stopwatch, cache=cache)
+        except BaseException:
+            cache.close()
+            raise
+        if keep_cache and cfg.fisher == "empirical":  # the scoring pass's (a, g) are the fit's: replay them
+            run.token_cache = cache
+        else:
+            cache.close()
     _say(f"factors fitted in {time.time() - t0:.1f}s → {fdir}", quiet)
     _say(f"time: {run.stopwatch.summary()}", quiet)
     if d.main:
         _update_config(out, fit_timings=run.stopwatch.as_dict())
-    return out
+    return run
 
 
 class _stage_lock:
@@ -496,10 +538,12 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
                 store.write_json(progress_file, {"next_batch": i + 1, "signature": signature})
 
         shard = batches.shard(d.rank, d.world)
+        replay = run.token_cache if (run.token_cache is not None and not cfg.corpus
+                                     and run.token_cache.signature == signature) else None
         t0 = time.time()
         with sw("scoring pass"):
             influence.score_documents(run.model, run.modules, pq, shard, D, start=start, sink=sink,
-                                      progress=not quiet)
+                                      progress=not quiet, replay=replay)
             raw.flush(), norms.flush()
             store.write_json(progress_file, {"next_batch": len(shard), "signature": signature})
             distributed.barrier()

@@ -100,9 +100,11 @@ def test_batched_query_preconditioning_equals_all_at_once(smoke_world):
                 torch.testing.assert_close(pq.layer(name), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("where", ["memory", "disk"])
 @pytest.mark.parametrize("fisher", ["empirical", "sampled"])
-def test_token_cache_gives_identical_factors_and_skips_forwards(setup, fisher):
-    """Replaying the covariance pass's (a, g) in the correction pass equals recomputing them, and saves passes."""
+def test_token_cache_gives_identical_factors_and_skips_forwards(setup, fisher, where, tmp_path):
+    """Replaying the covariance pass's (a, g) in the correction pass equals recomputing them, and saves passes —
+    kept in memory or spilled to a file (deleted when the fit ends)."""
     model, mods, docs, queries = setup
     batches = make_batches(docs, 4, 0)  # 5 batches
     calls = []
@@ -111,8 +113,13 @@ def test_token_cache_gives_identical_factors_and_skips_forwards(setup, fisher):
         results = {}
         for budget in (0, 3e5, 1e9):  # none, some batches, all batches
             calls.clear()
-            f = influence.fit_factors(model, mods, batches, fisher=fisher, seed=3, progress=False, cache_bytes=budget,
+            cache = influence.TokenCache(budget, directory=tmp_path if where == "disk" else None)
+            f = influence.fit_factors(model, mods, batches, fisher=fisher, seed=3, progress=False, cache=cache,
                                      keep_covariances=True)
+            assert cache.on_disk == (where == "disk" and budget > 0)
+            assert (len(list(tmp_path.glob("token-cache-*"))) == 1) == cache.on_disk  # the owner closes it
+            cache.close()
+            assert not list(tmp_path.glob("token-cache-*"))
             results[budget] = (f, len(calls))
     finally:
         handle.remove()
@@ -164,3 +171,25 @@ def test_low_rank_preconditioning_equals_truncating_the_dense_one():
         L, R = f.precondition_low_rank(G, r)
         rel = torch.linalg.matrix_norm(L @ R - exact) / torch.linalg.matrix_norm(exact)
         assert rel.max() < 1e-3  # measured 1e-5 to 5e-4 per layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_token_cache_on_disk_round_trips_every_dtype_and_shape(tmp_path, dtype):
+    cache = influence.TokenCache(1e9, directory=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    batches = {i: [(f"l{j}", torch.randn(2, 3 + i, 4 + j, generator=g).to(dtype),
+                    torch.randn(2, 3 + i, 5, generator=g).to(dtype)) for j in range(3)] for i in range(4)}
+    for i, items in batches.items():
+        record = cache.record(lambda *_: None)
+        for name, a, b in items:
+            record(name, a, b)
+        cache.commit(i)
+    for i in (2, 0, 3, 1, 2):  # any order, as often as wanted
+        got = cache.get(i)
+        assert [n for n, _, _ in got] == [n for n, _, _ in batches[i]]
+        for (_, a, b), (_, a0, b0) in zip(got, batches[i]):
+            assert a.dtype == dtype and torch.equal(a, a0) and torch.equal(b, b0)
+    assert cache.used == sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                             for items in batches.values() for _, a, b in items)
+    cache.close()
+    assert 0 not in cache and not list(tmp_path.iterdir())

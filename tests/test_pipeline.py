@@ -71,6 +71,37 @@ def test_refit_and_rescore_reuse_the_cache(fitted, smoke_world, capsys):
     assert "already fitted; reusing them" in out and "already computed; reusing them" in out
 
 
+def test_fit_with_queries_scores_in_the_same_process_from_the_token_cache(fitted, smoke_world, tmp_path,
+                                                                          monkeypatch):
+    """`kit fit --queries` = `kit fit` then `kit score`; with the empirical Fisher its scoring pass replays the
+    fit's token cache (spilled to disk on a CPU) and runs the model on the queries only."""
+    calls = []
+    real = influence.token_losses
+    monkeypatch.setattr(influence, "token_losses", lambda model, b, *a, **k: calls.append(len(b.index)) or
+                        real(model, b, *a, **k))
+    run = tmp_path / "one"
+    assert main(["fit", "--model", smoke_world["model"], "--corpus", smoke_world["corpus"], "--out", str(run),
+                 "--fisher", "empirical", "--batch-size", "16", "--queries", smoke_world["queries"]]) == 0
+    assert sum(calls) == 160 + 6  # the covariance pass over the documents, then only the queries
+    assert not list(run.rglob("token-cache-*"))  # the spill file is gone
+    np.testing.assert_array_equal(kit.load_scores(run).to_numpy(), kit.load_scores(fitted).to_numpy())
+    np.testing.assert_array_equal(np.load(kit.pipeline.scores_dir(run) / "doc_grad_norm.npy"),
+                                  np.load(kit.pipeline.scores_dir(fitted) / "doc_grad_norm.npy"))
+
+
+def test_fit_with_queries_and_sampled_fisher_recomputes_the_scoring_pass(smoke_world, tmp_path, monkeypatch):
+    calls = []
+    real = influence.token_losses
+    monkeypatch.setattr(influence, "token_losses", lambda model, b, *a, **k: calls.append(len(b.index)) or
+                        real(model, b, *a, **k))
+    cfg = FitConfig(model=smoke_world["model"], corpus=smoke_world["corpus"], batch_size=16, fisher="sampled")
+    kit.pipeline.fit_and_score(cfg, tmp_path / "s", ScoreConfig(queries=smoke_world["queries"]), quiet=True)
+    assert sum(calls) == 160 + 6 + 160  # the sampled labels' (a, g) are not the scoring pass's
+    with pytest.raises(kit.InputError, match="queries"):
+        kit.pipeline.fit_and_score(cfg, tmp_path / "bad", ScoreConfig(queries=str(tmp_path / "missing.jsonl")))
+    assert not (tmp_path / "bad").exists()  # refused before anything was fitted
+
+
 def _interrupt_after(monkeypatch, n_calls):
     real, calls = influence.token_losses, []
 
