@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--query-rank", default="full", help=_h(PlanConfig, "query_rank"))
     pl.add_argument("--query-batch-size", type=int, default=8, help=_h(PlanConfig, "query_batch_size"))
     pl.add_argument("--modules", nargs="+", help=_h(PlanConfig, "modules"))
-    pl.add_argument("--cache-gb", type=float, default=2.0, help=_h(PlanConfig, "cache_gb"))
+    pl.add_argument("--cache-gb", type=float, default=None, help=_h(PlanConfig, "cache_gb"))
+    pl.add_argument("--cache-on", choices=["auto", "memory", "disk"], default="auto", help=_h(PlanConfig, "cache_on"))
     pl.add_argument("--memory-gb", type=float, help=_h(PlanConfig, "memory_gb"))
     pl.add_argument("--no-measure", action="store_true", help="memory from shapes only; no batches are run")
     pl.add_argument("--json", help="also write the plan as JSON to this file")
@@ -246,8 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 nproc=args.nproc, device=args.device, dtype=args.dtype, factor_dtype=args.factor_dtype,
                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                                 max_tokens=args.max_tokens, query_rank=args.query_rank, modules=args.modules,
-                                query_batch_size=args.query_batch_size,
-                                cache_gb=args.cache_gb, measure=not args.no_measure, memory_gb=args.memory_gb))
+                                query_batch_size=args.query_batch_size, cache_gb=args.cache_gb,
+                                cache_on=args.cache_on, measure=not args.no_measure, memory_gb=args.memory_gb))
             print(render(p))
             if args.json:
                 import json as _json

@@ -56,7 +56,10 @@ class PlanConfig:
     query_rank: str = _help("'full' or the rank r of the query gradients", default="full")
     query_batch_size: int = _help("queries per query-gradient batch", default=8)
     modules: Optional[List[str]] = _help("tracked layers (default every MLP linear layer)", default=None)
-    cache_gb: float = _help("token cache budget of the fit", default=2.0)
+    cache_gb: Optional[float] = _help("token cache budget of the fit (default 2 GiB in memory, 8 GiB on disk)",
+                                      default=None)
+    cache_on: str = _help("where the fit's token cache lives: auto (memory on a GPU, disk on a CPU), memory, disk",
+                          default="auto")
     measure: bool = _help("measure time and activation memory on a few batches (needs the weights)", default=True)
     memory_gb: Optional[float] = _help("memory available per process (default: the GPU's, or the machine's RAM)",
                                        default=None)
@@ -205,7 +208,10 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
         V = getattr(model.config, "vocab_size", 0) or 0
         activations = batch_tokens * (L * (16 * h + 6 * inter) * mb + 4 * V * 4)
     per_token_cache = sum(o + i for o, i in layers) * mb
-    cache = min(cfg.cache_gb * GiB, padded_tokens / cfg.nproc * per_token_cache)
+    cache_on_disk = cfg.cache_on == "disk" or (cfg.cache_on == "auto" and not str(device).startswith("cuda"))
+    cache_gb = cfg.cache_gb if cfg.cache_gb is not None else (8.0 if cache_on_disk else 2.0)
+    cache = min(cache_gb * GiB, padded_tokens / cfg.nproc * per_token_cache)
+    cache_mem = batch_tokens * per_token_cache if cache_on_disk else cache  # on disk: one batch read back at a time
     if rank == "full":
         query_p = Q * sum_io * fb
     else:
@@ -215,7 +221,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     weights = n_params * mb
     corpus_mem = D * 24
     fit_parts = {"model weights": weights, "factors (covariances, eigenbases, Λ)": max(cov + workspace, eig + lam),
-                 "activations of one batch": activations, "token cache": cache, "corpus index": corpus_mem}
+                 "activations of one batch": activations, "token cache": cache_mem, "corpus index": corpus_mem}
     score_parts = {"model weights": weights, "factors (eigenbases, Λ)": eig + lam,
                    "preconditioned query gradients": query_p, "one layer of a query batch's gradients": query_batch,
                    "activations of one batch": activations, "score store pages (memory-mapped)": store_bytes / cfg.nproc,
@@ -243,7 +249,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
                "factors (covariances, eigenbases, Λ)": "--modules (track fewer layers) — factors are replicated on "
                                                        "every process, more processes do not shrink them",
                "activations of one batch": "--batch-size, --max-batch-tokens or --max-tokens",
-               "token cache": "--cache-gb (a smaller token cache)", "corpus index": "more processes (--nproc)"}[big]
+               "token cache": "--cache-on disk or a smaller --cache-gb", "corpus index": "more processes (--nproc)"}[big]
         advice.append(f"fit needs {peaks['fit'] / GiB:.1f} GiB per process, {avail / GiB:.1f} GiB available: mostly "
                       f"{big}; change {fix}")
     if peaks["score"] > 0.9 * avail:
@@ -267,7 +273,8 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
                        "measured": bool(timing)},
             "memory": memory, "baseline": base, "peak": peaks, "available": avail, "time": times,
             "timing": timing, "disk": {"score store": store_bytes, "tokens": tokens * 4,
-                                       "factors": eig + lam}, "advice": advice}
+                                       "factors": eig + lam, "token cache (while fitting)":
+                                       cache if cache_on_disk else 0}, "advice": advice}
 
 
 def _padding_ratio(lengths, batch_size: int, max_batch_tokens: Optional[int]) -> float:
@@ -403,7 +410,8 @@ def render(p: Dict) -> str:
     if not p["time"]:
         lines.append("\ntime: not measured (no weights, or --no-measure)")
     lines.append(f"\ndisk: score store {p['disk']['score store'] / GiB:.2f} GiB, tokens {p['disk']['tokens'] / GiB:.2f} "
-                 f"GiB, factors {p['disk']['factors'] / GiB:.2f} GiB")
+                 f"GiB, factors {p['disk']['factors'] / GiB:.2f} GiB, token cache while fitting "
+                 f"{p['disk'].get('token cache (while fitting)', 0) / GiB:.2f} GiB")
     lines += ["\n" + a for a in p["advice"]] or ["\nevery stage fits"]
     return "\n".join(lines)
 
