@@ -59,8 +59,15 @@ def model_dir(name: str, work: Path) -> Path:
         if not (out / "config.json").exists():
             from kit.models import load_model
 
-            model, tok = load_model("smollm2")
-            model.save_pretrained(out)
+            from transformers import AutoModelForCausalLM
+
+            model, tok = load_model("smollm2")  # dequantised from GGUF to float32 by transformers
+            config = model.config
+            if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config)
+            plain.load_state_dict(model.state_dict())
+            plain.save_pretrained(out)
             tok.save_pretrained(out)
         return out
     return Path(name)
@@ -130,7 +137,7 @@ def stages(tool: str, out: Path) -> dict:
         conf = json.loads((out / "run" / "config.json").read_text())
         return conf["scores"][conf["latest_scores"]]["timings"]
     f = out / "timings.json"
-    return json.loads(f.read_text()) if f.exists() else {}
+    return json.loads(f.read_text()).get("timings_s", {}) if f.exists() else {}
 
 
 def scores_of(tool: str, out: Path, corpus: Path):
