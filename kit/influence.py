@@ -286,7 +286,7 @@ class TokenCache:
                     return b
             b = np.empty(max(size, self._largest), dtype=np.uint8)
             if len(self._pool) < 2:  # the batch being replayed and the one read ahead
-                self._pool = [p for p in self._pool if len(p) >= self._largest] + [b]
+                self._pool.append(b)
             return b
 
     def close(self) -> None:
@@ -327,7 +327,7 @@ def _as_bytes(t: Tensor) -> np.ndarray:
     t = t.detach().contiguous()
     if t.device.type != "cpu":
         t = t.cpu()
-    return t.view(torch.uint8).numpy() if t.dtype != torch.uint8 else t.numpy()
+    return t.view(torch.uint8).numpy()
 
 
 @dataclass
