@@ -114,7 +114,8 @@ def run_tool(tool: str, model: Path, corpus: Path, queries: Path, out: Path, thr
     elif tool in ("bergson", "bergson-2048"):  # its CLI as shipped (token batches capped at the context), or lifted
         cmd = [str(BERGSON_PY), str(PEERS / "run_bergson.py"), "--model", str(model), "--corpus", str(corpus),
                "--queries", str(queries), "--out", str(out), "--threads", str(threads),
-               "--token-batch-size", "2048"] + (["--lift-context-cap"] if tool == "bergson-2048" else [])
+               "--token-batch-size", str(max(2048, context_of(model)))]
+        cmd += ["--lift-context-cap"] if tool == "bergson-2048" else []
     else:
         raise ValueError(tool)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -130,6 +131,11 @@ def run_tool(tool: str, model: Path, corpus: Path, queries: Path, out: Path, thr
         tail = (out / "log.txt").read_text()[-2000:]
         raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{tail}")
     return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "stages": stages(tool, out)}
+
+
+def context_of(model: Path) -> int:
+    """The model's context: bergson's token batch is at least one context long (SmolLM2: 8192 tokens)."""
+    return int(json.loads((model / "config.json").read_text()).get("max_position_embeddings", 2048))
 
 
 def stages(tool: str, out: Path) -> dict:

@@ -201,16 +201,40 @@ class LayerFactors:
     def damping(self, damping: Union[str, float] = "heuristic") -> float:
         return damping_value(self.Lambda, damping)
 
+    def to_eigenbasis(self, a: Tensor, g: Tensor) -> Tensor:
+        """``Q_Sᵀ G_n Q_A`` for each sequence's gradient ``G_n = Σ_t g_t a_tᵀ``, from its tokens ``a (B, T, d_in)``,
+        ``g (B, T, d_out)``, in ``self.dtype``; ``(B, d_out, d_in)``.
+
+        Both orders give the same matrix; the cheaper one is taken (the ``Σ_t g aᵀ`` term, ``T·d_out·d_in``, is
+        common to both). Rotating every token costs ``T·(d_out² + d_in²)``; rotating each sequence's ``G_n`` once
+        costs ``d_out·d_in·(d_out + d_in)``, cheaper only for long sequences.
+        """
+        a, g = a.to(self.dtype), g.to(self.dtype)
+        T = a.shape[1]
+        if T * (self.d_out**2 + self.d_in**2) <= self.d_out * self.d_in * (self.d_out + self.d_in):
+            return torch.bmm((g @ self.Q_S).transpose(1, 2), a @ self.Q_A)  # rotate per token, then sum
+        return self.Q_S.T @ torch.bmm(g.transpose(1, 2), a) @ self.Q_A  # form G_n first, then rotate it
+
     def precondition(self, V: Tensor, damping: Union[str, float] = "heuristic", kfac: bool = False) -> Tensor:
         """Apply equation (2), ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ``, to ``V`` of shape ``(..., d_out, d_in)``.
 
         With ``kfac=True`` the KFAC eigenvalues ``λ_S ⊗ λ_A`` replace the corrected ``Λ`` (for comparison).
         """
+        self._eigenvalues(kfac)
+        return self._solve(self.Q_S.T @ V.to(self.dtype) @ self.Q_A, damping, kfac)
+
+    def precondition_tokens(self, a: Tensor, g: Tensor, damping: Union[str, float] = "heuristic",
+                            kfac: bool = False) -> Tensor:
+        """:meth:`precondition` of each sequence's gradient ``Σ_t g_t a_tᵀ``, rotated from its tokens
+        (:meth:`to_eigenbasis`): for a short query the rotation into the eigenbasis costs a few tokens' worth
+        instead of two dense ``d_out × d_in`` products. ``(B, d_out, d_in)``."""
+        self._eigenvalues(kfac)
+        return self._solve(self.to_eigenbasis(a, g), damping, kfac)
+
+    def _solve(self, rotated: Tensor, damping: Union[str, float], kfac: bool) -> Tensor:
+        """``Q_S [M ⊘ (Λ + λ)] Q_Aᵀ`` for ``M`` already in the eigenbasis."""
         lam = self._eigenvalues(kfac)
-        V = V.to(self.dtype)
-        rotated = self.Q_S.T @ V @ self.Q_A
-        rotated = rotated / (lam + damping_value(lam, damping))
-        return self.Q_S @ rotated @ self.Q_A.T
+        return self.Q_S @ (rotated / (lam + damping_value(lam, damping))) @ self.Q_A.T
 
     def _eigenvalues(self, kfac: bool) -> Tensor:
         if self.Q_S is None or (not kfac and self.Lambda is None):
@@ -218,17 +242,20 @@ class LayerFactors:
                               " are missing; fit the factors first (`kit fit`)")
         return self.kfac_eigenvalues() if kfac else self.Lambda
 
-    def precondition_low_rank(self, V: Tensor, rank: int, damping: Union[str, float] = "heuristic",
-                              kfac: bool = False, seed: int = 0) -> tuple[Tensor, Tensor]:
+    def precondition_low_rank(self, V: Optional[Tensor], rank: int, damping: Union[str, float] = "heuristic",
+                              kfac: bool = False, seed: int = 0,
+                              tokens: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
         """Rank-``r`` factors ``L (…, d_out, r)``, ``R (…, r, d_in)`` of the preconditioned ``V`` (eq. 2), ``P ≈ L R``.
 
         ``P = Q_S M Q_Aᵀ`` with ``M = (Q_Sᵀ V Q_A) ⊘ (Λ + λ)``, and ``Q_S``, ``Q_A`` are orthogonal, so ``P`` and
         ``M`` have the same singular values and the truncated SVD of ``P`` is ``Q_S U_r · diag(s_r) · V_rᵀ Q_Aᵀ``
         with ``U_r s_r V_rᵀ`` that of ``M``: the dense ``P`` is never rotated back, and the SVD is the randomised
-        one of :func:`truncated_svd`.
+        one of :func:`truncated_svd`. ``tokens=(a, g)`` instead of ``V`` rotates each sequence's gradient from its
+        tokens (:meth:`to_eigenbasis`).
         """
         lam = self._eigenvalues(kfac)
-        M = (self.Q_S.T @ V.to(self.dtype) @ self.Q_A) / (lam + damping_value(lam, damping))
+        rotated = self.to_eigenbasis(*tokens) if tokens is not None else self.Q_S.T @ V.to(self.dtype) @ self.Q_A
+        M = rotated / (lam + damping_value(lam, damping))
         U, s, Vh = truncated_svd(M, rank, seed=seed)
         return self.Q_S @ (U * s.unsqueeze(-2)), Vh @ self.Q_A.T
 
@@ -355,8 +382,25 @@ def eigendecompose(factors: Dict[str, LayerFactors], progress: bool = False, kee
     """Normalise the summed covariances to means and eigendecompose them in float64 (every layer)."""
     from tqdm.auto import tqdm
 
-    for f in tqdm(list(factors.values()), desc="EK-FAC eigendecomposition", disable=not progress):
-        eigendecompose_layer(f, keep_covariances)
+    layers = list(factors.values())
+    bar = tqdm(total=len(layers), desc="EK-FAC eigendecomposition", disable=not progress)
+    threads = torch.get_num_threads()
+    if threads == 1 or not layers or layers[0].A is None or layers[0].A.device.type != "cpu":
+        for f in layers:
+            eigendecompose_layer(f, keep_covariances)
+            bar.update()
+    else:  # LAPACK's eigh scales poorly over cores: N single-threaded eighs side by side are faster on a CPU
+        from concurrent.futures import ThreadPoolExecutor
+
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                biggest_first = sorted(layers, key=lambda f: -(f.d_in**3 + f.d_out**3))
+                for _ in pool.map(lambda f: eigendecompose_layer(f, keep_covariances), biggest_first):
+                    bar.update()
+        finally:
+            torch.set_num_threads(threads)
+    bar.close()
 
 
 def eigendecompose_layer(f: LayerFactors, keep_covariances: bool = False) -> None:
@@ -389,16 +433,7 @@ def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor
 
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
-        Q_S, Q_A = f.Q_S, f.Q_A
-        a, g = a.to(f.dtype), g.to(f.dtype)
-        T = a.shape[1]
-        # Both orders give (B, d_out, d_in) in the eigenbasis; pick the one with fewer flops (the Σ_t g aᵀ term,
-        # T·d_out·d_in, is common to both). Rotating every token costs T·(d_out² + d_in²); rotating each
-        # sequence's G_n once costs d_out·d_in·(d_out + d_in), cheaper only for long sequences.
-        if T * (f.d_out**2 + f.d_in**2) <= f.d_out * f.d_in * (f.d_out + f.d_in):
-            rotated = torch.bmm((g @ Q_S).transpose(1, 2), a @ Q_A)  # rotate per token, then sum over tokens
-        else:
-            rotated = Q_S.T @ torch.bmm(g.transpose(1, 2), a) @ Q_A  # form G_n first, then rotate it
+        rotated = f.to_eigenbasis(a, g)  # (B, d_out, d_in): each sequence's gradient in the eigenbasis
         update = rotated.pow(2).sum(0)
         f.Lambda = update if f.Lambda is None else f.Lambda + update
 

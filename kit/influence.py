@@ -562,18 +562,17 @@ def preconditioned_queries(model: nn.Module, modules: Dict[str, nn.Module], fact
     current: List[Tensor] = []
 
     def callback(name, a, g):
-        acc = ekfac.accumulation_dtype(a.dtype)
-        G = torch.bmm(g.transpose(1, 2).to(acc), a.to(acc))
-        pq = precondition_queries(factors, {name: G}, damping, rank)
-        del G
+        f = factors[name]
+        if rank is None or rank >= min(f.d_out, f.d_in):  # as precondition_queries, rotated from the tokens
+            parts = {"full": f.precondition_tokens(a, g, damping)}
+        else:
+            parts = dict(zip(("left", "right"), f.precondition_low_rank(None, rank, damping, tokens=(a, g))))
         idx = current[0]
-        for attr in ("full", "left", "right"):
-            part = getattr(pq, attr).get(name)
-            if part is not None:
-                dest = getattr(out, attr)
-                if name not in dest:
-                    dest[name] = torch.empty((n_items,) + part.shape[1:], dtype=part.dtype, device=part.device)
-                dest[name][idx.to(part.device)] = part
+        for attr, part in parts.items():
+            dest = getattr(out, attr)
+            if name not in dest:
+                dest[name] = torch.empty((n_items,) + part.shape[1:], dtype=part.dtype, device=part.device)
+            dest[name][idx.to(part.device)] = part
 
     def loss_fn(b):
         current[:] = [b.index]
