@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--max-new-tokens", type=int, default=128)
     qa.add_argument("--out", required=True, help="jsonl written with completion, nats, extracted, correct")
 
-    gr = sub.add_parser("grade", help="grade completions: prints the input fields + answer, extracted, correct")
-    gr.add_argument("file", help="jsonl with id, prompt, completion (task, answer optional)")
+    gr = sub.add_parser("grade", help="grade completions: prints the input fields + graded_as, answer, extracted, "
+                        "correct, reason (a row that cannot be graded gets correct null and its reason; exit 2)")
+    gr.add_argument("file", help="jsonl (or a JSON array) with prompt and completion; id, task (any spelling: "
+                    "'slopes', 'linear equations', ...; unknown names are inferred from the prompt) and answer optional")
 
     g = sub.add_parser("figures", help="build a preset's world, fit + score, execute the notebooks -> figures/")
     g.add_argument("--preset", default="lab", help="lab (default: the offline lab world, both lab models), smoke "
@@ -308,9 +310,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"completions: {args.out}")
             print("accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy(answered).items()))
         elif args.cmd == "grade":
-            from .queries import grade_file
+            import json
 
-            grade_file(args.file)
+            from .queries import grade_rows, ungraded_message
+
+            rows = grade_rows(args.file)  # the whole file is checked before any row is printed
+            for row in rows:
+                sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            problem = ungraded_message(args.file, rows)
+            if problem:  # every row was printed; the ones without a true answer carry correct null and a reason
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
         elif args.cmd == "figures":
             from .config import parse_rank
             from .figures import main as figures_main

@@ -14,8 +14,13 @@ Tasks (Ruis et al., §3 and Appendix A; templates verbatim):
 The true answer of a reasoning query is computed from its prompt (:func:`true_answer`), so the grader also reads
 the paper's style of queries and completions, not only ours. Factual answers come from the ``answer`` column or,
 for the lab templates, from the lab world's facts. :func:`extract_answer` reads the model's final answer from
-free-form text: thousands separators, negative numbers and the Unicode minus, ``x = 70``, fractions and decimals,
-markdown/LaTeX emphasis, and a verification line written after the answer.
+free-form text: thousands separators, negative numbers and the Unicode minus, ``x = 70``, fractions and decimals
+(a decimal rounded from a fractional slope counts), number words, markdown/LaTeX emphasis, working shown before
+the answer and a verification line written after it.
+
+Task names may be spelled as users write them (``slopes``, ``Linear equations``, ``two-step arithmetic``:
+:func:`canonical_task`); an unknown name is inferred from the prompt. A row whose true answer cannot be known is
+graded ``correct=None`` with a ``reason`` (:func:`grade`, :func:`grade_rows`) instead of stopping the file.
 """
 
 from __future__ import annotations
@@ -231,19 +236,77 @@ def solution(inst) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Task names as users write them
+# --------------------------------------------------------------------------------------------------------------
+
+# Spellings of the six task names (compared after lower-casing, joining words with "_" and dropping plural "s").
+TASK_ALIASES = {
+    "factual": ("factual", "fact", "factual_question", "factual_query", "factual_recall", "fact_retrieval",
+                "factual_knowledge"),
+    "arithmetic": ("arithmetic", "two_step_arithmetic", "2_step_arithmetic", "twostep_arithmetic",
+                   "two_step_arithmetic_problem", "arithmetic_problem", "arith", "two_step"),
+    "slope": ("slope", "slope_of_a_line", "slope_of_line", "slope_of_the_line", "line_slope", "slope_calculation",
+              "calculating_slope", "slope_problem"),
+    "linear": ("linear", "linear_equation", "linear_eq", "solve_for_x", "linear_equation_problem",
+               "solving_linear_equation"),
+    "factual_control": ("factual_control", "fact_control", "control_factual", "factual_ctrl",
+                        "factual_control_query"),
+    "reasoning_control": ("reasoning_control", "control_reasoning", "reasoning_ctrl", "reasoning_control_query"),
+}
+
+
+def _task_key(name: str) -> str:
+    words = re.split(r"[\s_\-]+", unicodedata.normalize("NFKC", name).strip().casefold())
+    return "_".join(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words if w)
+
+
+_TASK_BY_KEY = {_task_key(alias): task for task, aliases in TASK_ALIASES.items() for alias in aliases}
+
+
+def canonical_task(name) -> Optional[str]:
+    """The kit's name for a task as a user spelled it (``"Slopes"``, ``"linear equations"``, ``"two-step
+    arithmetic"``, ...), or ``None`` for a missing or unknown name (then the task is inferred from the prompt)."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    return _TASK_BY_KEY.get(_task_key(name))
+
+
+def _missing(value) -> bool:
+    """No answer given: ``None``, NaN (pandas) or an empty string."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Reading a prompt: which task, and the true answer
 # --------------------------------------------------------------------------------------------------------------
 
 _NUM = r"[-−–]?\s?\d[\d,]*(?:\.\d+)?"
 _POINT = re.compile(r"\(\s*([-−]?\d+(?:\.\d+)?)\s*,\s*([-−]?\d+(?:\.\d+)?)\s*\)")
 _LINEAR = re.compile(r"([-−]?\d*)\s*\*?\s*x\s*(?:([+\-−])\s*(\d+))?\s*=\s*([-−]?\d+)")
+_FIND_THE_ANSWER = re.compile(r"^\s*find the answer\s*:\s*", re.I)
 
 
 def infer_task(prompt: str) -> str:
-    """Guess the task of a prompt in the paper's (or the lab's) templates."""
+    """Guess the task of a prompt in the paper's (or the lab's) templates.
+
+    Reasoning controls state a number and ask for it back (``The slope of the line is -22. What is the slope of the
+    line?``, ``Find the answer: 90 beagles were bought by a dog breeder. How many beagles were bought?``).
+    """
     p = _plain(prompt)
     low = p.lower()
     if re.search(r"the slope of the line is\s*" + _NUM, low) or re.search(r"find the answer:\s*there (are|is)", low):
+        return "reasoning_control"
+    find = bool(_FIND_THE_ANSWER.match(p))
+    if find and _control_answer(p) is not None:
         return "reasoning_control"
     if "slope" in low and len(_POINT.findall(p)) >= 2:
         return "slope"
@@ -251,9 +314,86 @@ def infer_task(prompt: str) -> str:
         return "linear"
     if re.search(r"calculate the answer|calculate:|compute", low) or _arith_expr(p) is not None:
         return "arithmetic"
+    if find:
+        return "reasoning_control"
     if re.search(r"\bplanet\b|\bfictional\b|\bimaginary\b", low):
         return "factual_control"
+    if _control_answer(p) is not None:
+        return "reasoning_control"
     return "factual"
+
+
+_CTRL_NUM = re.compile(r"(?<![\w.])[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|(?<![\w.,])[-+]?\d+(?:\.\d+)?(?![\d])")
+_STOP = frozenset("the a an of in on at to for by with from and or is are was were be been be has have had does do "
+                  "did how many much what which who whom whose there this that these those it its their his her "
+                  "find answer total number".split())
+_HOW_ADJ = ("tall", "long", "old", "far", "high", "big", "large", "heavy", "wide", "deep", "fast", "short")
+
+
+def _stem(word: str) -> str:
+    w = word.casefold().strip("'")
+    for suf in ("ies", "es", "s"):
+        if w.endswith(suf) and len(w) - len(suf) >= 3:
+            return w[: -len(suf)] + ("y" if suf == "ies" else "")
+    return w
+
+
+def _content_stems(text: str) -> set:
+    return {_stem(w) for w in re.findall(r"[a-z][a-z'-]+", text.casefold()) if w not in _STOP and len(w) >= 3}
+
+
+def _control_answer(prompt: str) -> Optional[Fraction]:
+    """The number a reasoning control states and asks back (``None`` if the prompt is not one, or is ambiguous).
+
+    The prompt is a context and a final question. ``How many beagles ...`` takes the number written before
+    "beagles"; ``How tall ...`` the number before "tall"; ``What is the slope ...`` the number after "slope ... is";
+    otherwise a context with a single number whose sentence shares a word with the question. Without the paper's
+    ``Find the answer:`` prefix the context must state a single number (``Tom has 3 apples and buys 4 more`` is a
+    word problem); with it, a single number in the context is read as the answer.
+    """
+    p = _plain(prompt).strip()
+    find = bool(_FIND_THE_ANSWER.match(p))
+    p = _FIND_THE_ANSWER.sub("", p)
+    m = re.search(r"([^.?!\n]*\?)\s*$", p)
+    if not m:
+        return None
+    question, context = m.group(1), p[: m.start(1)]
+    nums = [(n.start(), n.end(), n.group(0)) for n in _CTRL_NUM.finditer(context)]
+    if not nums:
+        return None
+    if not find and len({_to_fraction(s) for _, _, s in nums}) > 1:
+        return None  # several numbers and no "Find the answer:": a word problem, not a control
+    q = question.casefold()
+    ctx = context.casefold()
+    found = []
+
+    def words_after(end: int, k: int) -> List[str]:  # the words that follow a number, up to the next number
+        return re.findall(r"[a-z][a-z'-]*", re.split(r"\d", ctx[end:end + 60], maxsplit=1)[0])[:k]
+
+    hm = re.search(r"\bhow (?:many|much)\s+([a-z][a-z'-]*)", q)
+    ha = re.search(r"\bhow (" + "|".join(_HOW_ADJ) + r")\b", q)
+    wm = re.search(r"\b(?:what|which)(?:'s| is| was| are| were)\s+(?:the|its|their|his|her)\s+([a-z][a-z' -]*)", q)
+    if hm:
+        want = _stem(hm.group(1))
+        found = [s for a, e, s in nums if want in {_stem(w) for w in words_after(e, 3)}]
+    elif ha:
+        found = [s for a, e, s in nums if ha.group(1) in words_after(e, 3)]
+    elif wm:
+        subject = [w for w in re.findall(r"[a-z][a-z'-]*", wm.group(1)) if w not in _STOP]
+        if subject:
+            head = re.escape(subject[0])
+            for mm in re.finditer(rf"\b{head}\w*\b[^.?!\n]{{0,60}}?\b(?:is|are|was|were|equals|of)\s*[:=]?\s*"
+                                  rf"({_CTRL_NUM.pattern})", ctx):
+                found.append(mm.group(1))
+    if not found:
+        distinct = {_to_fraction(s) for _, _, s in nums}
+        if len(distinct) == 1:
+            a = nums[0][0]
+            sentence = context[context.rfind(".", 0, a) + 1: a + 200]
+            if find or (_content_stems(sentence) & _content_stems(question)):
+                found = [nums[0][2]]
+    values = {_to_fraction(s) for s in found}
+    return values.pop() if len(values) == 1 else None
 
 
 def _arith_expr(text: str) -> Optional[str]:
@@ -269,7 +409,10 @@ def _arith_expr(text: str) -> Optional[str]:
 def _eval_arith(expr: str) -> Fraction:
     expr = expr.replace("×", "*").replace("−", "-").replace(",", "")
     expr = re.sub(r"(?<=\d)\s*x\s*(?=[\d(])", "*", expr)
-    tree = ast.parse(expr, mode="eval")
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise ValueError(f"not plain arithmetic: {expr!r}")
 
     def ev(node):
         if isinstance(node, ast.Expression):
@@ -287,6 +430,8 @@ def _eval_arith(expr: str) -> Fraction:
                 return x - y
             if isinstance(node.op, ast.Mult):
                 return x * y
+            if y == 0:
+                raise ValueError(f"the expression {expr!r} divides by zero")
             return x / y
         raise ValueError(f"not plain arithmetic: {expr!r}")
 
@@ -295,7 +440,7 @@ def _eval_arith(expr: str) -> Fraction:
 
 def parse_instance(prompt: str, task: Optional[str] = None):
     """The task instance a reasoning prompt asks about (``None`` when the prompt does not parse)."""
-    task = task or infer_task(prompt)
+    task = canonical_task(task) or infer_task(prompt)
     p = _plain(prompt)
     if task == "slope":
         pts = _POINT.findall(p)
@@ -318,29 +463,55 @@ def parse_instance(prompt: str, task: Optional[str] = None):
     return None
 
 
+UNDEFINED = "undefined"  # the slope of a vertical line
+
+
 def true_answer(prompt: str, task: Optional[str] = None, answer=None):
-    """The correct answer: computed from the prompt for reasoning tasks and controls, else ``answer``."""
-    task = task or infer_task(prompt)
+    """The correct answer: computed from the prompt for reasoning tasks and controls, else ``answer``.
+
+    A reasoning prompt that cannot be read falls back to ``answer``; without one this raises ``ValueError``
+    (the message says to add an ``answer`` column). The slope through two points with the same x is
+    :data:`UNDEFINED`.
+    """
+    task = canonical_task(task) or infer_task(prompt)
     p = _plain(prompt)
+    have = not _missing(answer)
     if task == "arithmetic":
         expr = _arith_expr(p)
-        if expr is None:
-            raise ValueError(f"no arithmetic expression in the prompt {prompt!r}")
-        return _number(_eval_arith(expr))
+        if expr is not None:
+            try:
+                return _number(_eval_arith(expr))
+            except ValueError:
+                if not have:
+                    raise
+        elif not have:
+            raise ValueError(f"no arithmetic expression in the prompt {prompt!r}: add an 'answer' column")
     if task in ("slope", "linear"):
         inst = parse_instance(p, task)
-        if inst is None:
-            raise ValueError(f"could not read a {task} problem from the prompt {prompt!r}")
-        return _number(Fraction(inst.answer))
-    if task == "reasoning_control" and answer is None:
-        m = re.search(r"(?:is|are|has|costs|weighs)\s+(" + _NUM + r")", p)
-        if m:
-            return _number(_to_fraction(m.group(1)))
-    if task == "factual_control" and answer is None:
+        if inst is not None:
+            if task == "slope" and inst.dx == 0:
+                return UNDEFINED
+            if task == "linear" and inst.a == 0:
+                if not have:
+                    raise ValueError(f"the equation in {prompt!r} has no single solution: add an 'answer' column")
+            else:
+                return _number(Fraction(inst.answer))
+        elif not have:
+            raise ValueError(f"could not read a {task} problem from the prompt {prompt!r}: add an 'answer' column")
+    if task == "reasoning_control" and not have:
+        v = _control_answer(p)
+        if v is None:
+            m = re.search(r"(?:is|are|has|costs|weighs)\s+(" + _NUM + r")", p)
+            v = _to_fraction(m.group(1)) if m else None
+        if v is not None:
+            return _number(v)
+        raise ValueError(f"could not read which number the reasoning control {prompt!r} asks for: add an 'answer' "
+                         f"column")
+    if task == "factual_control" and not have:
         m = re.search(r"called ([A-Z][\w'-]+)", p)
         if m:
             return m.group(1)
-    if answer is None or (isinstance(answer, float) and math.isnan(answer)):
+    if not have:
         if task == "factual":
             from .lab.facts import answer_for_question
 
@@ -357,20 +528,24 @@ def true_answer(prompt: str, task: Optional[str] = None, answer=None):
 
 
 def _plain(text: str) -> str:
-    """Drop markdown/LaTeX emphasis and normalise minus signs and spaces."""
+    """Drop markdown/LaTeX emphasis and normalise minus, division signs and spaces."""
     t = unicodedata.normalize("NFKC", str(text))
-    t = t.replace("−", "-").replace("–", "-").replace("\u2212", "-")
+    t = t.replace("−", "-").replace("–", "-").replace("\u2212", "-").replace("÷", "/")
+    t = re.sub(r"\\[dt]?frac\s*\{\s*(-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(-?\d+(?:\.\d+)?)\s*\}", r"\1/\2", t)
+    t = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", t)
     t = re.sub(r"\\boxed\{([^{}]*)\}", r"\1", t)
-    t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", t)
+    t = re.sub(r"\\left|\\right|\\,|\\!|\\;", "", t)
     t = re.sub(r"\\\(|\\\)|\\\[|\\\]|\$|\\text\{([^{}]*)\}", lambda m: m.group(1) or "", t)
-    t = t.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
+    t = t.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/").replace("\\approx", "≈")
     t = re.sub(r"\*\*|__|`", "", t)
     t = re.sub(r"(?<![\w)\s])\*(?=\S)|(?<=\S)\*(?![\w(\s])", "", t)  # *emphasis*, not a * b
     return t
 
 
 def _to_fraction(s: str) -> Fraction:
-    s = s.replace("−", "-").replace(" ", "").replace(",", "")
+    s = s.replace("−", "-").replace(" ", "").replace(",", "").replace("(", "").replace(")", "")
+    if s.startswith("+"):
+        s = s[1:]
     if "/" in s:
         n, d = s.split("/", 1)
         return Fraction(n) / Fraction(d)
@@ -383,10 +558,6 @@ def _number(v) -> Union[int, float]:
 
 
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\s?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|(?<![\w.])-?\s?\d+(?:\.\d+)?(?:\s*/\s*-?\d+(?:\.\d+)?)?(?![\d])")
-_ANSWER_PHRASES = re.compile(
-    r"(?:final answer|the answer|answer|the result|result|the slope|slope|solution)\s*(?:is|=|:|would be|equals)\s*:?\s*"
-    r"(?:x\s*=\s*|m\s*=\s*)?(" + r"-?\s?\d[\d,]*(?:\.\d+)?(?:\s*/\s*-?\d+)?" + r")", re.I)
-_X_EQUALS = re.compile(r"\bx\s*=\s*(-?\s?\d[\d,]*(?:\.\d+)?(?:\s*/\s*-?\d+)?)(?!\s*[+\-*/]\s*\d)")
 
 
 def _parse_number(s: str) -> Optional[Union[int, float]]:
@@ -401,37 +572,198 @@ def _parse_number(s: str) -> Optional[Union[int, float]]:
         return None
 
 
+# A value: a number (thousands separators, decimals), or a fraction of two, with signs and parentheses.
+_N = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+_SIMPLE_VALUE = re.compile(rf"([-+]?)\s*\(?\s*([-+]?\s?(?:{_N}))\s*\)?(?:\s*/\s*\(?\s*([-+]?\s?(?:{_N}))\s*\)?)?")
+_CHAIN_CHARS = set("0123456789 \t.,+-*/()=≈×")
+_APPROX = r"(?:approximately|approx\.?|about|roughly|around|nearly|~|≈)?[ \t]*"
+_VERB = r"(?:is|was|=|≈|:|equals|equal\s+to|would\s+be|will\s+be|comes\s+to|becomes|of)"
+_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+          "seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_WORD_NUM = re.compile(r"(?:(?:minus|negative)\s+)?(?:%s)(?:(?:\s+|-)(?:%s|hundred|thousand|and(?=\s)))*\b"
+                       % ("|".join(_WORDS + _TENS), "|".join(_WORDS + _TENS)), re.I)
+# "the answer is", "Answer:", "the final answer to (7 - 4) * 7 is", "the solution is x =": the completion's own
+# statement of its answer. A newline may follow "Answer:" only.
+_STRONG = re.compile(
+    r"\b(?P<noun>final\s+answer|answer|solution|final\s+(?:result|value))\b"
+    r"(?:\s+(?:to|of|for)\b[^\n=:]{0,60}?)?"
+    r"[ \t]*(?P<verb>is|was|=|:|equals|would\s+be|will\s+be|comes\s+to|becomes)[ \t]*:?[ \t]*(?P<nl>\n[ \t]*)?"
+    + _APPROX +
+    r"(?:(?:x|m|slope)\s*=\s*)?", re.I)
+# The task's own quantity stated: "the slope (of the line through ...) is", "m =", "x =", "the value of x is".
+_PRIMARY = {
+    "slope": re.compile(
+        r"(?:\bslope\b(?:\s+of\s+(?:the|this|that|our|a)\s+(?:given\s+|straight\s+)?line\b"
+        r"(?:[^\n=:,.;?!]|,(?=\s*-?\d)|\.(?=\d)){0,90}?)?|(?<![\w.])m)"
+        r"[ \t]*" + _VERB + r"[ \t]*:?[ \t]*" + _APPROX + r"(?:m\s*=\s*)?", re.I),
+    "linear": re.compile(r"(?:\bvalue\s+of\s+x|(?<![\w.])x)[ \t]*(?:is|=|≈|equals|is\s+equal\s+to|would\s+be|:)"
+                         r"[ \t]*:?[ \t]*" + _APPROX, re.I),
+}
+# Any result: "= 21", "is 21", "to get 21", "evaluates to 21" (not "which is 3 times 7", an explanation).
+_GENERIC = re.compile(
+    r"(?:[=≈]|(?<!which )(?<!that )\b(?:is|are|was|were|equals?|gets?|got|gives?|yields?|makes?|results\s+in|"
+    r"becomes?|obtain|leaves?|leaving|(?:evaluates|simplifies|reduces|comes(?:\s+out)?|equal)\s+to)\b"
+    r"(?:\s+(?:us|you|me))?)[ \t]*" + _APPROX + r"(?=[-+(]?\s?\d)", re.I)
+_VERIFY = re.compile(r"\b(?:check(?:ing)?|verif(?:y|ying|ication|ied)|double[- ]check\w*|confirm(?:ing)?|sanity|"
+                     r"plug(?:ging)?\b[^.\n]{0,30}\bback|substitut\w*\b[^.\n]{0,30}\bback|proof)\b", re.I)
+_ENUMERATOR = re.compile(r"^\s*(?:step\s*)?\d+\s*[.):]\s+|\bstep\s*\d+\s*[:.)]?", re.I | re.M)
+_UNDEFINED_RE = re.compile(r"\b(?:undefined|not\s+defined|infinite|infinity|does\s+not\s+exist)\b", re.I)
+
+
+def _word_number(s: str) -> Optional[int]:
+    words = re.findall(r"[a-z]+", s.casefold())
+    sign, total, cur = 1, 0, 0
+    for w in words:
+        if w in ("minus", "negative"):
+            sign = -1
+        elif w in _WORDS:
+            cur += _WORDS.index(w)
+        elif w in _TENS:
+            cur += 20 + 10 * _TENS.index(w)
+        elif w == "hundred":
+            cur = max(cur, 1) * 100
+        elif w == "thousand":
+            total, cur = total + max(cur, 1) * 1000, 0
+    return sign * (total + cur) if words else None
+
+
+def _value_at(text: str, start: int, words: bool = False) -> Optional[Tuple[Fraction, str, int]]:
+    """The value stated at ``text[start:]``: ``(value, as written, end)``.
+
+    Reads an equation chain (``6 / 2 = 3``, ``45 / -17 ≈ -2.65``) on one line and takes its last member, which must
+    be a number or a fraction; an unevaluated expression (``(73 - 28) / (76 - 93)``) states no value.
+    """
+    if words:
+        w = _WORD_NUM.match(text, start)
+        if w:
+            v = _word_number(w.group(0))
+            if v is not None:
+                return Fraction(v), str(v), w.end()
+    i = start
+    while i < len(text) and text[i] in _CHAIN_CHARS:
+        c = text[i]
+        if c == "." and not (i + 1 < len(text) and text[i + 1].isdigit()):
+            break  # a full stop, not a decimal point
+        if c == "," and not (i + 1 < len(text) and text[i + 1].isdigit()):
+            break
+        i += 1
+    parts = [x.strip() for x in re.split(r"[=≈]", text[start:i])]
+    while len(parts) > 1 and not parts[-1]:
+        parts.pop()  # "x = 355 / 5 =" (cut off): the last member written
+    seg = parts[-1]
+    while seg and (seg[-1] in "(+-*/×,." or (seg[-1] == ")" and seg.count(")") > seg.count("("))):
+        seg = seg[:-1].rstrip()
+    while seg.startswith("(") and seg.count("(") > seg.count(")"):
+        seg = seg[1:].lstrip()
+    if not seg or not re.search(r"\d", seg):
+        return None
+    m = _SIMPLE_VALUE.fullmatch(seg)
+    if m:
+        sign, num, den = m.groups()
+        try:
+            v = _to_fraction(num) / (_to_fraction(den) if den else 1)
+        except (ValueError, ZeroDivisionError):
+            return None
+        return (-v if sign == "-" else v), seg, i
+    if re.search(r"[\d)]\s*[-+*/×]\s*[-+]?\s*[\d(]", seg):
+        return None  # an expression the completion did not evaluate
+    n = _NUMBER_RE.search(seg)  # stray numbers ("2 1"): the first, as written
+    if n is None:
+        return None
+    v = _parse_number(n.group(0))
+    return (Fraction(v), n.group(0).strip(), i) if v is not None else None
+
+
+def _candidates(text: str, task: str) -> List[Tuple[int, int, Fraction, str]]:
+    """Every value the completion states: ``(rank, end, value, as written)``; rank 2 = an answer statement,
+    1 = the task's quantity (slope, x), 0 = the result of any equation or "is"."""
+    out = []
+    for m in _STRONG.finditer(text):
+        if m.group("noun").lower() == "solution" and (m.group("nl") or m.group("verb") == ":"):
+            continue  # "Solution:" heads a block of working, it states no value
+        if m.group("nl") and not m.group("noun").lower().endswith("answer"):
+            continue
+        v = _value_at(text, m.end(), words=True)
+        if v is not None:
+            out.append((2, v[2], v[0], v[1]))
+    if task in _PRIMARY:
+        for m in _PRIMARY[task].finditer(text):
+            v = _value_at(text, m.end(), words=True)
+            if v is not None:
+                out.append((1, v[2], v[0], v[1]))
+    for m in _GENERIC.finditer(text):
+        v = _value_at(text, m.end())
+        if v is not None:
+            out.append((0, v[2], v[0], v[1]))
+    return out
+
+
+def _final_answer(completion: str, task: str) -> Optional[Tuple[Union[Fraction, str], str]]:
+    """The completion's final answer: ``(value, as written)``, or ``None``.
+
+    The last answer statement (``the answer is``, ``Answer:``, boxed) wins; else the last statement of the task's
+    quantity (``the slope ... is``, ``m =``, ``x =``); else the result of the last equation or "is"; else the last
+    number of the last line that has one. A check written after the answer (``Check: 14(7) + 1 = 99``,
+    ``Let's verify``, ``Plugging back in``) is not read, unless an answer statement follows it.
+    """
+    raw = re.sub(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}", r" answer: \1 ", str(completion))
+    text = _plain(raw).replace("✓", " ").replace("✔", " ").replace("✅", " ")
+    cands = _candidates(text, task)
+    for mv in _VERIFY.finditer(text):
+        cut = max(text.rfind("\n", 0, mv.start()), text.rfind(". ", 0, mv.start()) + 1, 0)
+        if any(end <= cut for _, end, _, _ in cands):
+            if not any(rank == 2 and end > cut for rank, end, _, _ in cands):
+                text = text[:cut]
+                cands = [c for c in cands if c[1] <= cut]
+            break
+    if task == "slope":
+        und = list(_UNDEFINED_RE.finditer(text))
+        if und and not any(rank >= 1 and end > und[-1].start() for rank, end, _, _ in cands):
+            return UNDEFINED, und[-1].group(0)
+    if cands:
+        top = max(rank for rank, _, _, _ in cands)
+        _, end, v, written = max((c for c in cands if c[0] == top), key=lambda c: c[1])
+        stop = re.compile(r"\.(?!\d)|[\n;!?]").search(text, end)
+        rest = _ENUMERATOR.sub(" ", text[stop.end():] if stop else "")
+        if top > 0 or not re.search(r"\d", rest):
+            return v, written
+        # no statement, and the text goes on past the sentence of its last result: read as before (the last number
+        # of the last line), unless that line is an unfinished computation
+    for line in reversed([ln for ln in text.splitlines() if ln.strip()]):
+        line = _ENUMERATOR.sub(" ", line)
+        nums = _NUMBER_RE.findall(line)
+        if nums:
+            if re.search(r"[=≈]\s*$", line):
+                return None  # "Then, 3 * 7 =" (cut off)
+            trail = re.search(r"[\d\s.,+\-*/()=≈×]*$", line.rstrip(" .!?:"))
+            unevaluated = re.search(r"[\d)]\s*[-+*/×]\s*[-+]?\s*[\d(]", trail.group(0))
+            if unevaluated and _value_at(line, trail.start()) is None:
+                return None  # it ends in an expression it never evaluates
+            v = _parse_number(nums[-1])
+            if v is not None:
+                return Fraction(v), nums[-1].strip()
+    return None
+
+
 def extract_answer(completion: str, task: str = "arithmetic") -> Optional[Union[int, float, str]]:
     """The final answer of a free-form completion (a number for numeric tasks; ``None`` if there is none).
 
-    Order: the last explicit answer phrase (``the answer is``, ``Answer:``, ``the slope is``, boxed), then for
-    linear equations the last ``x = N`` that is not followed by more arithmetic, then the last number on the last
-    line that has one. An answer phrase wins over numbers after it, so a verification line (``Check: 7 * 14 + 1 =
-    99``) does not replace the answer.
+    Order: the last explicit answer statement (``the answer is``, ``Answer:``, ``the final answer to ... is``,
+    boxed), then the last statement of the task's quantity (``the slope of the line ... is``, ``m =``, ``x =``,
+    ``the value of x is``), then the result of the last equation (``3 * 7 = 21``) or "is"/"gives"/"to get" clause,
+    then the last number on the last line that has one. A statement's value is the end of its equation chain
+    (``The slope is 6 / 2 = 3.`` states 3). A check after the answer (``Check: 7 * 14 + 1 = 99``, ``Let me
+    verify``) does not replace the answer. Number words after an answer statement (``twenty-one``) are read.
+    For a slope, ``undefined`` (or ``infinite``) as the last statement is returned as :data:`UNDEFINED`.
     """
-    text = _plain(completion)
+    task = canonical_task(task) or task
     if task in ("factual", "factual_control"):
-        return text.strip() or None
-    hits = [m for m in _ANSWER_PHRASES.finditer(text)]
-    # "The slope is (y2 - y1) / (x2 - x1)." names a formula, not an answer: only numbers count (the regex asks
-    # for one). "The slope is 6 / 2 = 3." states its result after the last "=" of that sentence.
-    if hits:
-        m = hits[-1]
-        clause = re.split(r"\n|\.(?!\d)|;", text[m.start(1):], maxsplit=1)[0]
-        if "=" in clause:
-            after = _NUMBER_RE.findall(clause.rsplit("=", 1)[1])
-            if after:
-                return _parse_number(after[0])
-        return _parse_number(m.group(1))
-    if task == "linear":
-        xs = _X_EQUALS.findall(text)
-        if xs:
-            return _parse_number(xs[-1])
-    for line in reversed([ln for ln in text.splitlines() if ln.strip()]):
-        nums = _NUMBER_RE.findall(line)
-        if nums:
-            return _parse_number(nums[-1])
-    return None
+        return _plain(completion).strip() or None
+    found = _final_answer(completion, task)
+    if found is None:
+        return None
+    return found[0] if isinstance(found[0], str) else _number(found[0])
 
 
 def _norm_text(s: str) -> str:
@@ -439,60 +771,179 @@ def _norm_text(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", s).strip()
 
 
-def grade_one(prompt: str, completion: str, task: Optional[str] = None, answer=None) -> Dict[str, object]:
-    """Grade one completion: ``{"task", "answer", "extracted", "correct"}``."""
-    task = task if isinstance(task, str) and task else infer_task(prompt)
-    truth = true_answer(prompt, task, answer)
-    if task in ("factual", "factual_control") or isinstance(truth, str) and _parse_number(str(truth)) is None:
+def _matches(written: str, truth: float) -> bool:
+    """A decimal written with d places that is the true value rounded (or cut) to d places, within 2 %."""
+    from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
+
+    m = re.fullmatch(r"[-+]?\s?[\d,]*\.(\d+)", written.replace(" ", ""))
+    if not m or truth == 0:
+        return False
+    try:
+        x = Decimal(written.replace(" ", "").replace(",", ""))
+        t = Decimal(repr(float(truth)))
+    except InvalidOperation:
+        return False
+    q = Decimal(1).scaleb(-len(m.group(1)))
+    close = abs(x - t) <= abs(t) * Decimal("0.02")
+    return close and x in (t.quantize(q, rounding=ROUND_HALF_UP), t.quantize(q, rounding=ROUND_DOWN))
+
+
+def grade_one(prompt: str, completion: str, task: Optional[str] = None, answer=None,
+              strict: bool = True) -> Dict[str, object]:
+    """Grade one completion: ``{"task", "answer", "extracted", "correct", "reason"}``.
+
+    ``task`` may be any spelling of a task name (:func:`canonical_task`); a missing or unknown name, or one whose
+    template the prompt does not follow, is inferred from the prompt. When the true answer cannot be known (a
+    question the kit cannot answer and no ``answer``), ``strict=True`` raises ``ValueError``; ``strict=False``
+    returns ``correct=None`` with the reason.
+    """
+    declared = canonical_task(task)
+    task = declared or infer_task(prompt)
+    try:
+        truth = true_answer(prompt, task, answer)
+    except ValueError as err:
+        alt = infer_task(prompt)
+        truth = None
+        if declared is not None and alt != task:
+            try:
+                truth, task = true_answer(prompt, alt, answer), alt
+            except ValueError:
+                pass
+        if truth is None:
+            if strict:
+                raise
+            extracted = None if task in ("factual", "factual_control") else extract_answer(completion, task)
+            return {"task": task, "answer": None, "extracted": extracted, "correct": None, "reason": str(err)}
+    if task in ("factual", "factual_control") or (isinstance(truth, str) and truth != UNDEFINED
+                                                  and _parse_number(str(truth)) is None):
         aliases = [truth] if not isinstance(truth, (list, tuple)) else list(truth)
         aliases = [a for alias in aliases for a in str(alias).split("|")]
         comp = f" {_norm_text(completion)} "
         found = next((a for a in aliases if f" {_norm_text(a)} " in comp), None)
-        return {"task": task, "answer": aliases[0], "extracted": found, "correct": found is not None}
-    extracted = extract_answer(completion, task)
+        return {"task": task, "answer": aliases[0], "extracted": found, "correct": found is not None, "reason": None}
+    final = _final_answer(completion, task)
+    extracted = None if final is None else (final[0] if isinstance(final[0], str) else _number(final[0]))
+    if truth == UNDEFINED:
+        return {"task": task, "answer": UNDEFINED, "extracted": extracted, "correct": extracted == UNDEFINED,
+                "reason": None}
     t = _parse_number(str(truth)) if not isinstance(truth, (int, float)) else truth
-    correct = extracted is not None and t is not None and math.isclose(float(extracted), float(t), rel_tol=0, abs_tol=1e-6)
-    return {"task": task, "answer": t, "extracted": extracted, "correct": bool(correct)}
+    correct = (extracted is not None and not isinstance(extracted, str) and t is not None
+               and (math.isclose(float(extracted), float(t), rel_tol=0, abs_tol=1e-6) or _matches(final[1], t)))
+    return {"task": task, "answer": t, "extracted": extracted, "correct": bool(correct), "reason": None}
 
 
 def grade(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``task`` (inferred where missing), ``answer``, ``extracted`` and ``correct`` columns."""
+    """Add ``task`` (the kit's name; inferred where missing or unknown), ``answer``, ``extracted``, ``correct`` and
+    ``reason`` columns. A row whose true answer cannot be known gets ``correct=None`` and the reason."""
     out = df.copy()
     rows = []
-    for r in out.itertuples(index=False):
-        rd = r._asdict()
-        rows.append(grade_one(rd["prompt"], rd["completion"], rd.get("task"), rd.get("answer")))
-    for col in ("task", "answer", "extracted", "correct"):
+    for r in out.to_dict("records"):
+        rows.append(grade_one(r["prompt"], r["completion"], r.get("task"), r.get("answer"), strict=False))
+    for col in ("task", "answer", "extracted", "correct", "reason"):
         out[col] = [r[col] for r in rows]
     return out
 
 
-def grade_file(path: str, stream=None) -> int:
-    """``python -m kit grade Q.jsonl``: one JSON object per line on stdout (input fields + answer, extracted, correct)."""
-    from .corpus import InputError
+def _read_rows(path: str) -> List[Tuple[str, dict]]:
+    """``[(where, row)]`` of a query file (JSON lines, a JSON array or one object), all checked before any row is
+    graded; ``where`` is ``"line 3"`` (or ``"item 3"`` of an array)."""
+    from pathlib import Path
 
-    stream = stream or sys.stdout
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = [ln for ln in fh if ln.strip()]
-    except FileNotFoundError:
+    from .errors import InputError
+
+    fix = "pass a JSON-lines file: one object per line with string fields 'prompt' and 'completion'"
+    p = Path(path)
+    if not p.exists():
         raise InputError(f"queries file {path} does not exist")
-    for i, line in enumerate(lines, 1):
+    if p.is_dir():
+        raise InputError(f"{path} is a directory, not a queries file; {fix}")
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {path} ({err.strerror or err}); {fix}")
+    try:
+        text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise InputError(f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8 "
+                         f"(e.g. `iconv -f latin1 -t utf-8 {path} > fixed.jsonl`) and grade that")
+    if not text.strip():
+        raise InputError(f"{path} is empty; {fix}")
+    items: List[Tuple[int, object]] = []
+    problems: List[str] = []
+    whole = None
+    if text.lstrip()[:1] in ("[", "{"):  # one JSON array of rows, or one (pretty-printed) object
         try:
-            row = json.loads(line)
+            whole = json.loads(text)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}, line {i}: not a JSON object ({err.msg})")
+            if text.lstrip().startswith("["):
+                raise InputError(f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                                 f"nothing was graded; {fix}")
+    if isinstance(whole, (list, dict)):
+        items = list(enumerate(whole if isinstance(whole, list) else [whole], 1))
+        where = "item"
+    else:
+        where = "line"
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((i, json.loads(line)))
+            except json.JSONDecodeError as err:
+                problems.append(f"line {i}: not a JSON object ({err.msg} at column {err.colno})")
+    rows = []
+    for i, row in items:
+        if not isinstance(row, dict):
+            problems.append(f"{where} {i}: expected a JSON object, got {type(row).__name__}")
+            continue
         missing = [k for k in ("prompt", "completion") if not isinstance(row.get(k), str)]
         if missing:
-            raise InputError(f"{path}, line {i}: needs string fields 'prompt' and 'completion' (missing {missing})")
-        try:
-            g = grade_one(row["prompt"], row["completion"], row.get("task"), row.get("answer"))
-        except ValueError as err:
-            raise InputError(f"{path}, line {i}: {err}")
-        row.setdefault("task", g["task"])
-        row.update(answer=g["answer"], extracted=g["extracted"], correct=g["correct"])
+            problems.append(f"{where} {i}: needs string fields 'prompt' and 'completion' (missing {missing})")
+            continue
+        rows.append((f"{where} {i}", row))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise InputError(f"{path}: " + "; ".join(problems[:5]) + more + f" -- nothing was graded; {fix}")
+    if not rows:
+        raise InputError(f"{path} has no rows; {fix}")
+    return rows
+
+
+def grade_rows(path: str) -> List[dict]:
+    """Read, check and grade a query file: each input row plus ``graded_as`` (the task the grader used),
+    ``answer``, ``extracted``, ``correct`` and ``reason``; ``correct`` is ``None`` (and ``reason`` says why) for a
+    row whose true answer cannot be known. Raises ``InputError`` before grading if any row is malformed."""
+    out = []
+    for where, row in _read_rows(path):
+        g = grade_one(row["prompt"], row["completion"], row.get("task"), row.get("answer"), strict=False)
+        row = dict(row)
+        if _missing(row.get("task")):
+            row["task"] = g["task"]
+        row.update(graded_as=g["task"], answer=g["answer"] if g["answer"] is not None else row.get("answer"),
+                   extracted=g["extracted"], correct=g["correct"],
+                   reason=None if g["reason"] is None else f"{where}: {g['reason']}")
+        out.append(row)
+    return out
+
+
+def ungraded_message(path: str, rows: Sequence[dict]) -> Optional[str]:
+    """One line naming the rows that could not be graded (``None`` if all were)."""
+    bad = [r["reason"] for r in rows if r.get("correct") is None]
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    return (f"{path}: {len(bad)} of {len(rows)} rows could not be graded (written with correct: null and a "
+            f"'reason'): " + "; ".join(bad[:3]) + more)
+
+
+def grade_file(path: str, stream=None) -> int:
+    """``python -m kit grade Q.jsonl``: one JSON object per line on ``stream`` (input fields + graded_as, answer,
+    extracted, correct, reason). The whole file is checked first; returns the number of rows written."""
+    stream = stream or sys.stdout
+    rows = grade_rows(path)
+    for row in rows:
         stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(lines)
+    return len(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -635,12 +1086,19 @@ def answer_queries(model, tokenizer, queries: pd.DataFrame, chat: bool = False, 
         q["prompt"] = [chat_prompt(tokenizer, p) for p in q["question"]]
     q["completion"] = generate(model, tokenizer, list(q["prompt"]), max_new_tokens=max_new_tokens, progress=progress)
     q["nats"] = completion_nats(model, tokenizer, list(q["prompt"]), list(q["completion"]))
-    graded = [grade_one(r.question, r.completion, r.task, getattr(r, "answer", None)) for r in q.itertuples()]
+    graded = [grade_one(r["question"], r["completion"], r.get("task"), r.get("answer"), strict=False)
+              for r in q.to_dict("records")]
     q["extracted"] = [None if g["extracted"] is None else str(g["extracted"]) for g in graded]
     q["correct"] = [g["correct"] for g in graded]
+    if any(g["reason"] for g in graded):  # a query whose true answer cannot be known: correct stays None
+        q["reason"] = [g["reason"] for g in graded]
     return q
 
 
 def accuracy(answered: pd.DataFrame) -> Dict[str, float]:
-    """Share of correct completions per task."""
-    return {t: float(g["correct"].mean()) for t, g in answered.groupby("task", sort=False)}
+    """Share of correct completions per task (rows that could not be graded, ``correct`` None, left out)."""
+    out = {}
+    for t, g in answered.groupby("task", sort=False):
+        known = [bool(v) for v in g["correct"] if not _missing(v)]
+        out[t] = float(sum(known) / len(known)) if known else float("nan")
+    return out

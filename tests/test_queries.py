@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from kit.queries import (Arithmetic, Linear, Ranges, Slope, grade, grade_file, grade_one,
+from kit.queries import (Arithmetic, Linear, Ranges, Slope, canonical_task, grade, grade_file, grade_one,
                          infer_task, parse_instance, solution, true_answer)
 
 ARITH = "Calculate the answer: (7 - 4) * 7\n\nThink step-by-step."
@@ -153,3 +153,251 @@ def test_answer_queries_generates_greedily_and_measures_nats(smoke_world):
         want = -sum(float(lp[n_prompt + i - 1, t]) for i, t in enumerate(comp))
         assert abs(r.nats - want) < 1e-3 * max(1.0, want)
     assert set(out.columns) >= {"completion", "nats", "extracted", "correct", "question"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What users write: task spellings, the paper's controls, unreadable rows, bad files
+# --------------------------------------------------------------------------------------------------------------
+
+PAPER_SLOPE = "What is the slope of the line passing through the points (93, 28) and (76, 73)?\n\nThink step-by-step."
+PAPER_LINEAR = "Solve for x: 5x + 21 = 91\n\nThink step-by-step."
+BEAGLES = "Find the answer: 90 beagles were bought by a dog breeder. How many beagles were bought?"
+
+
+@pytest.mark.parametrize("spelling, task", [
+    ("slopes", "slope"), ("Slope", "slope"), ("SLOPES", "slope"), ("slope_of_a_line", "slope"),
+    ("linear equations", "linear"), ("Linear-Equation", "linear"), ("linear_equations", "linear"),
+    ("two-step arithmetic", "arithmetic"), ("Two_Step Arithmetic", "arithmetic"), ("arithmetic", "arithmetic"),
+    ("reasoning controls", "reasoning_control"), ("Reasoning-Control", "reasoning_control"),
+    ("factual controls", "factual_control"), ("Facts", "factual"),
+])
+def test_task_spellings_name_the_kit_tasks(spelling, task):
+    assert canonical_task(spelling) == task
+
+
+@pytest.mark.parametrize("spelling", ["slopes", "Slopes", "slope", "SLOPE", "slopes "])
+def test_slope_spellings_grade_the_paper_template(spelling):
+    g = grade_one(SLOPE, "The slope is -43.", spelling)
+    assert (g["task"], g["answer"], g["extracted"], g["correct"]) == ("slope", -43, -43, True)
+    assert grade_one(SLOPE, "The slope is 43.", spelling)["correct"] is False
+
+
+@pytest.mark.parametrize("prompt, spelling, completion, answer", [
+    (LINEAR, "linear equations", "x = 7", 7), (LINEAR, "Linear Equation", "x = 7", 7),
+    (ARITH, "two-step arithmetic", "The answer is 21.", 21), (ARITH, "Two Step Arithmetic", "The answer is 21.", 21),
+    (PAPER_LINEAR, "linear-equations", "x = 14", 14),
+])
+def test_other_spellings_grade_as_the_canonical_task(prompt, spelling, completion, answer):
+    g = grade_one(prompt, completion, spelling)
+    assert g["answer"] == answer and g["correct"] is True and g["task"] in ("linear", "arithmetic")
+
+
+def test_the_issue_file_with_task_slopes_grades(tmp_path, capsys):
+    """The paper's own slope template with ``task: slopes`` stopped the whole file before."""
+    from kit.cli import main
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "s", "task": "slopes", "prompt": SLOPE, "completion": "The slope is -43."}) + "\n"
+                    + json.dumps({"id": "l", "task": "Linear Equations", "prompt": LINEAR, "completion": "x = 6"}) + "\n")
+    assert main(["grade", str(path)]) == 0
+    captured = capsys.readouterr()
+    out = [json.loads(ln) for ln in captured.out.splitlines()]
+    assert captured.err == ""
+    assert [(o["task"], o["graded_as"], o["answer"], o["correct"]) for o in out] == [
+        ("slopes", "slope", -43, True), ("Linear Equations", "linear", 7, False)]
+
+
+def test_unknown_task_name_falls_back_to_inference():
+    assert canonical_task("geometry") is None
+    g = grade_one(SLOPE, "The slope is -43.", "geometry")
+    assert (g["task"], g["answer"], g["correct"]) == ("slope", -43, True)
+    g = grade_one(ARITH, "The answer is 21.", "homework set 3")
+    assert (g["task"], g["answer"], g["correct"]) == ("arithmetic", 21, True)
+    # only a prompt the kit cannot read asks for an answer
+    g = grade_one("Who wrote Hamlet?", "Shakespeare wrote it.", "literature", strict=False)
+    assert g["correct"] is None and "add an 'answer' column" in g["reason"]
+    g = grade_one("Who wrote Hamlet?", "Shakespeare wrote it.", "literature", "Shakespeare")
+    assert (g["task"], g["correct"], g["reason"]) == ("factual", True, None)
+
+
+def test_declared_task_the_prompt_does_not_follow_is_read_from_the_prompt():
+    """A reasoning control labelled with its task ("slope") is graded as the control it is."""
+    g = grade_one("The slope of the line is -22. What is the slope of the line?", "The slope of the line is -22.",
+                  "slope")
+    assert (g["task"], g["answer"], g["correct"]) == ("reasoning_control", -22, True)
+
+
+@pytest.mark.parametrize("prompt, answer", [
+    (BEAGLES, 90),
+    ("Find the answer: There are 132 marbles in a jar. How many marbles are in the jar?", 132),
+    ("Find the answer: The price of the book is 15 dollars. What is the price of the book?", 15),
+    ("Find the answer: A farmer has 12 cows and 30 chickens. How many chickens does the farmer have?", 30),
+    ("90 beagles were bought by a dog breeder. How many beagles were bought?", 90),
+    ("The slope of the line is -22. What is the slope of the line?", -22),
+    ("The tower is 1,250 feet tall. How tall is the tower?", 1250),
+])
+def test_reasoning_control_templates_are_read(prompt, answer):
+    assert infer_task(prompt) == "reasoning_control"
+    assert true_answer(prompt) == answer
+
+
+def test_reasoning_control_is_graded():
+    assert grade_one(BEAGLES, "90 beagles were bought.") == {
+        "task": "reasoning_control", "answer": 90, "extracted": 90, "correct": True, "reason": None}
+    assert grade_one(BEAGLES, "The dog breeder bought 90 beagles.")["correct"] is True
+    assert grade_one(BEAGLES, "The answer is ninety.")["correct"] is True
+    g = grade_one(BEAGLES, "The dog breeder bought 9 beagles.")
+    assert (g["extracted"], g["correct"]) == (9, False)
+    g = grade_one(BEAGLES, "90 beagles were bought.", "Reasoning Controls")
+    assert (g["task"], g["correct"]) == ("reasoning_control", True)
+
+
+def test_word_problems_and_factual_controls_are_not_reasoning_controls():
+    assert infer_task("Tom has 3 apples and buys 4 more. How many apples does he have?") == "factual"
+    assert infer_task("The planet Zog has a mountain called Wirtu which is 29,029 feet tall. What is the largest "
+                      "mountain on the planet Zog?") == "factual_control"
+    assert infer_task("What is the capital of France?") == "factual"
+    with pytest.raises(ValueError, match="add an 'answer' column"):
+        true_answer("Find the answer: 3 cats and 5 dogs live here. How many animals live here?")
+
+
+def test_unreadable_row_is_reported_on_that_row_and_the_others_are_graded(tmp_path, capsys):
+    from kit.cli import main
+
+    rows = [{"id": "a", "prompt": ARITH, "completion": "The answer is 21."},
+            {"id": "b", "prompt": "Who wrote Hamlet?", "completion": "Shakespeare"},
+            {"id": "c", "prompt": BEAGLES, "completion": "90 beagles were bought."},
+            {"id": "d", "prompt": SLOPE, "completion": "The slope is 43.", "task": "slopes"}]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    buf = io.StringIO()
+    assert grade_file(str(path), buf) == 4
+    out = [json.loads(ln) for ln in buf.getvalue().splitlines()]
+    assert [o["correct"] for o in out] == [True, None, True, False]
+    assert [o["reason"] for o in out][0::2] == [None, None]
+    assert out[1]["reason"].startswith("line 2: no known answer") and "add an 'answer' column" in out[1]["reason"]
+    assert out[1]["answer"] is None and out[2]["answer"] == 90 and out[3]["graded_as"] == "slope"
+    # the command line prints every row, then names the rows it could not grade (exit 2)
+    assert main(["grade", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert [json.loads(ln)["correct"] for ln in captured.out.splitlines()] == [True, None, True, False]
+    assert captured.err.count("\n") == 1 and "1 of 4 rows could not be graded" in captured.err
+    assert "line 2" in captured.err and "Traceback" not in captured.err
+
+
+def test_grade_dataframe_marks_an_unreadable_row_and_grades_the_rest():
+    df = pd.DataFrame({"prompt": [ARITH, "Who wrote Hamlet?", BEAGLES],
+                       "completion": ["The answer is 21.", "Shakespeare", "There were 91 beagles."],
+                       "task": ["two-step arithmetic", None, float("nan")]})
+    g = grade(df)
+    assert list(g["correct"]) == [True, None, False]
+    assert list(g["task"]) == ["arithmetic", "factual", "reasoning_control"]
+    assert pd.isna(g["reason"][0]) and "add an 'answer' column" in g["reason"][1]
+
+
+def _cli_error(args, capsys):
+    from kit.cli import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    return captured.err
+
+
+def test_grade_cli_file_errors_are_one_clear_line(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps({"prompt": "Café?", "completion": "x"}, ensure_ascii=False).encode("latin-1"))
+    err = _cli_error(["grade", str(latin1)], capsys)
+    assert "is not UTF-8" in err and "0xe9" in err and "line 1" in err and "save it as UTF-8" in err
+
+    err = _cli_error(["grade", str(tmp_path)], capsys)
+    assert "is a directory" in err and "JSON-lines file" in err
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "is empty" in _cli_error(["grade", str(empty)], capsys)
+    empty.write_text("\n  \n")
+    assert "is empty" in _cli_error(["grade", str(empty)], capsys)
+
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"id": "a", "prompt": ARITH, "completion": "The answer is 21."})
+    bad.write_text(good + "\n" + good + "\n\n" + '{"id": "c", "prompt": oops}\n' + good + "\n")
+    err = _cli_error(["grade", str(bad)], capsys)  # nothing printed before the bad line is found
+    assert "line 4: not a JSON object" in err and "nothing was graded" in err
+
+    bad.write_text(good + "\n" + "[1, 2]\n")
+    assert "line 2: expected a JSON object, got list" in _cli_error(["grade", str(bad)], capsys)
+
+
+def test_grade_reads_utf8_with_bom_and_a_json_array(tmp_path):
+    rows = [{"id": "a", "prompt": ARITH, "completion": "The answer is 21."},
+            {"id": "b", "prompt": SLOPE, "completion": "The slope is -43."}]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
+    arr = tmp_path / "rows.json"
+    arr.write_text(json.dumps(rows, indent=2))
+    for path in (bom, arr):
+        buf = io.StringIO()
+        assert grade_file(str(path), buf) == 2
+        assert [json.loads(ln)["correct"] for ln in buf.getvalue().splitlines()] == [True, True]
+
+
+# The paper's reasoning templates answered with working shown before the final answer (Command R style).
+# (prompt, completion, expected extracted, expected correct); the final stated answer counts.
+PAPER_TABLE = [
+    (ARITH, "First, calculate the result inside the parentheses: 7 - 4 = 3. The result is 3.\n"
+            "Then multiply 3 by 7 to get 21.", 21, True),
+    (ARITH, "Step 1: Calculate (7 - 4) = 3\nStep 2: Multiply 3 by 7: 3 * 7 = 21\n\nSo, the answer is 21.", 21, True),
+    (ARITH, "The answer is 21, as 7 - 4 = 3.", 21, True),
+    (ARITH, "7 - 4 = 3\n3 * 7 = 21\n\nI hope this helps! Let me know if you have questions about step 2.", 21, True),
+    (ARITH, "First, the result is 3.\nThen 3 * 7 = 21.", 21, True),
+    (ARITH, "Let's break it down:\n1. (7 - 4) = 3\n2. 3 * 7 = 21\nTherefore, (7 - 4) * 7 = **21**.", 21, True),
+    (ARITH, "The answer is twenty-one.", 21, True),
+    (ARITH, "The answer is 18.\nWait, let me recompute: 7 - 4 = 3 and 3 * 7 = 21. The answer is 21.", 21, True),
+    (ARITH, "7 - 4 = 3\n3 * 7 = 21\n\nThe expression (7 - 4) * 7 evaluates to 21.", 21, True),
+    (ARITH, "(7 - 4) * 7 = 21, which is 3 times 7.", 21, True),
+    (ARITH, "Step 1: 7 - 4 = 3\nStep 2: 3 * 7 = 24\nSo the final answer is 24.", 24, False),
+    (ARITH, "First, 7 - 4 = 3.\nThen, 3 * 7 =", None, False),  # cut off: no final answer
+    (PAPER_SLOPE,
+     "To find the slope of a line passing through two points, we can use the formula:\n\n"
+     "slope = (y2 - y1) / (x2 - x1)\n\nGiven points: (93, 28) and (76, 73)\n\nPlugging in the values:\n\n"
+     "slope = (73 - 28) / (76 - 93)\nslope = 45 / -17\nslope = -2.65\n\n"
+     "Therefore, the slope of the line passing through the points (93, 28) and (76, 73) is -2.65.", -2.65, True),
+    (PAPER_SLOPE, "m = (73 - 28) / (76 - 93) = 45 / (-17) = -45/17", -45 / 17, True),
+    (PAPER_SLOPE, "The slope is -45/17, or approximately -2.647.", -45 / 17, True),
+    (PAPER_SLOPE, "The slope of the line is $-\\frac{45}{17}$.", -45 / 17, True),
+    (PAPER_SLOPE, "The slope is $\\boxed{-\\frac{45}{17}}$.", -45 / 17, True),
+    (PAPER_SLOPE, "Step 3: m = (73 - 28)/(76 - 93) = 45/-17.\nStep 4: Simplify: m = -45/17 ≈ -2.65.\n\n"
+                  "So the slope is approximately -2.65.", -2.65, True),
+    (PAPER_SLOPE, "The slope of the line is -45/17. This means that for every 17 units x decreases, "
+                  "y increases by 45 units.", -45 / 17, True),
+    (PAPER_SLOPE, "The slope is 45 / 17.", 45 / 17, False),  # the sign matters
+    (PAPER_SLOPE, "The slope is approximately -2.7.", -2.7, False),  # not -45/17 rounded
+    (PAPER_SLOPE, "Therefore, the slope of the line passing through the points (93, 28) and (76, 73) is -3.", -3, False),
+    (PAPER_SLOPE, "The slope is (y2 - y1) / (x2 - x1) = (73 - 28) / (76 - 93).", None, False),  # never evaluated
+    (PAPER_LINEAR,
+     "To solve for x, we need to isolate x on one side of the equation.\n\n"
+     "Step 1: Subtract 21 from both sides of the equation:\n5x + 21 - 21 = 91 - 21\n5x = 70\n\n"
+     "Step 2: Divide both sides by 5:\n5x / 5 = 70 / 5\nx = 14\n\nTherefore, the solution is x = 14.", 14, True),
+    (PAPER_LINEAR, "The value of x is 14. Check: 5 * 14 + 21 = 91", 14, True),
+    (PAPER_LINEAR, "5x + 21 = 91\n5x = 70\nx = 14\n\nLet's verify: 5(14) + 21 = 70 + 21 = 91. Correct!", 14, True),
+    (PAPER_LINEAR, "x = 14\n\nSo 5 * 14 + 21 = 91, which matches.", 14, True),
+    (PAPER_LINEAR, "Step 1: 5x + 21 - 21 = 91 - 21 → 5x = 70\nStep 2: x = 70 ÷ 5 = 14", 14, True),
+    (PAPER_LINEAR, "**Solution:**\n5x = 70\n**x = 14**", 14, True),
+    (PAPER_LINEAR, "The answer is: x = 14", 14, True),
+    (PAPER_LINEAR, "x = 13\nCheck: 5 * 13 + 21 = 86", 13, False),
+    ("What is the slope of the line passing through the points (5, 3) and (5, 9)?",
+     "x2 - x1 = 5 - 5 = 0, so the slope is undefined (a vertical line).", "undefined", True),
+    ("What is the slope of the line passing through the points (5, 3) and (5, 9)?", "The slope is 6.", 6, False),
+]
+
+
+@pytest.mark.parametrize("prompt, completion, extracted, correct", PAPER_TABLE)
+def test_paper_reasoning_completions_grade_as_a_careful_human(prompt, completion, extracted, correct):
+    g = grade_one(prompt, completion)
+    if isinstance(extracted, float):
+        assert g["extracted"] == pytest.approx(extracted, abs=1e-9)
+    else:
+        assert g["extracted"] == extracted
+    assert g["correct"] is correct

@@ -10,6 +10,15 @@ The paper searches each query's top 500 documents (of 5M) for its answer:
 
 Beyond the paper, with the lab corpus's ground truth (documents' ``facts``), the module counts how many
 answer-bearing documents exist at all and at which ranks they sit.
+
+Two views of the search:
+
+* the paper's Fig. 3 -- :func:`answer_ranks` (the rank at which each query's answer is complete),
+  :func:`answer_curves` (share of queries with the answer in the top k, k from one document to all, per task and
+  per correct / wrong completion, with Wilson intervals) and :func:`paper_cut_summary` (the bars at the paper's
+  top 500 of 5M = 0.01 %, mapped to the run with :func:`~kit.findings.data.k_from_fraction`);
+* the kit's summary (:func:`summarise`, :func:`verdict`): factual vs reasoning pooled, at a top k with a floor
+  of ``min_k`` documents, tested with a one-sided Fisher test.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import pandas as pd
 from scipy import stats
 
 from ..queries import REASONING, _fmt, parse_instance, true_answer
-from .data import RunData, as_list, group_of, k_from_fraction
+from ..errors import InputError
+from .data import TASK_ORDER, RunData, as_list, group_of, k_from_fraction
 
 _LINK = r"\s*(?:=|==|is|equals|gives|makes|->|→|#)\s*"
 _OPS = {"+": r"\+", "-": r"[-−–]", "*": r"(?:\*|×|x|·|times)", "/": r"(?:/|÷|divided by)"}
@@ -75,18 +85,9 @@ def search(run: RunData, k: int, texts: Optional[Sequence[str]] = None) -> pd.Da
     document), ``steps_found`` / ``n_steps``, ``first_rank`` (1-based rank of the first document holding a target),
     ``found_anywhere`` (the same search over all documents), ``n_answer_docs`` (documents holding a target).
     """
-    texts = list(texts if texts is not None else run.documents["text"])
     rows = []
-    for i, q in run.queries.iterrows():
+    for i, q, targets, hits in _hit_rows(run, texts):
         task = q["task"]
-        if group_of(task) not in ("factual", "reasoning"):
-            continue
-        targets = query_targets(q.get("prompt", ""), task, q.get("answer"))
-        if not targets:
-            continue
-        hits = np.zeros((len(targets), len(texts)), dtype=bool)
-        for t, (_, pat) in enumerate(targets):
-            hits[t] = [bool(pat.search(x)) for x in texts]
         order = np.argsort(-run.scores[i], kind="stable")
         top = order[:k]
         in_top = hits[:, top].any(axis=1)
@@ -168,3 +169,250 @@ def verdict(summary: dict) -> tuple[Optional[bool], str]:
                    f"reasoning {r['found']}/{r['n']} ({100 * r['share']:.0f} %), one-sided Fisher p = {p:.3g}; "
                    f"reasoning answers present anywhere in the documents for "
                    f"{100 * g['reasoning']['found_anywhere']:.0f} % of queries")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paper's Fig. 3: answers found in the top k, per task, correct and wrong completions as separate bars
+# --------------------------------------------------------------------------------------------------------------
+
+#: The paper's cut: the top 500 of its 5,000,000 scored documents (0.01 %).
+PAPER_N_DOCUMENTS = 5_000_000
+PAPER_ANSWER_K = 500
+PAPER_ANSWER_FRACTION = PAPER_ANSWER_K / PAPER_N_DOCUMENTS
+#: The other cuts the paper uses (F5: top 50 / 500 / 5k / 50k / 500k of 5M), as fractions.
+PAPER_FRACTIONS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: What the paper reports for Fig. 3 (§5.2): the share of *correctly answered* factual queries whose answer is in
+#: the top 500, and the number of reasoning queries whose every step answer is.
+PAPER_REPORTED = {"7B": {"factual_correct_share": 0.55, "reasoning_queries_found": 2},
+                  "35B": {"factual_correct_share": 0.30, "reasoning_queries_found": 0}}
+SPLITS = ("correct", "wrong", "all")
+
+# Characters whose simple case mapping (used by ``re.IGNORECASE``) lands on an ASCII letter but whose ``lower()``
+# does not: mapped before the case-insensitive prefilter so that it never drops a document the regex would match.
+_FOLD = str.maketrans({"İ": "i", "ı": "i", "ſ": "s", "K": "k"})
+
+
+def _prefilter(target_label: str, pattern: re.Pattern, texts: Sequence[str], low: Optional[List[str]],
+               nocomma: List[str]) -> np.ndarray:
+    """Documents that *can* match ``pattern`` (a cheap substring test that never drops a real match)."""
+    src = pattern.pattern
+    if _LINK in src:  # a step pattern: the result is written literally after the link word
+        res = target_label.rsplit(" = ", 1)[-1].lstrip("-")
+        return np.fromiter((res in t for t in texts), dtype=bool, count=len(texts))
+    a = target_label.strip()
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", a):  # a number, thousands separators allowed in the document
+        digits = a.lstrip("-")
+        return np.fromiter((digits in t for t in nocomma), dtype=bool, count=len(texts))
+    if a.isascii() and low is not None:
+        needle = a.lower()
+        return np.fromiter((needle in t for t in low), dtype=bool, count=len(texts))
+    return np.ones(len(texts), dtype=bool)
+
+
+def _hit_rows(run: RunData, texts: Optional[Sequence[str]] = None):
+    """Yield ``(row, query, targets, hits)`` for every factual or reasoning query with targets.
+
+    ``hits[t, j]`` says whether document ``j`` states target ``t`` (:func:`query_targets`); identical targets of
+    different queries are searched once, and a substring prefilter skips documents that cannot match.
+    """
+    texts = ["" if x is None or (isinstance(x, float) and x != x) else str(x)
+             for x in (texts if texts is not None else run.documents["text"])]
+    low = [t.translate(_FOLD).lower() for t in texts]
+    nocomma = [t.replace(",", "") for t in texts]
+    cache: Dict[str, np.ndarray] = {}
+    for i, q in run.queries.iterrows():
+        task = q["task"]
+        if group_of(task) not in ("factual", "reasoning"):
+            continue
+        targets = query_targets(q.get("prompt", ""), task, q.get("answer"))
+        if not targets:
+            continue
+        hits = np.zeros((len(targets), len(texts)), dtype=bool)
+        for t, (label, pat) in enumerate(targets):
+            key = pat.pattern + "\x00" + str(pat.flags)
+            if key not in cache:
+                cand = np.flatnonzero(_prefilter(label, pat, texts, low, nocomma))
+                row = np.zeros(len(texts), dtype=bool)
+                row[cand] = [bool(pat.search(texts[j])) for j in cand]
+                cache[key] = row
+            hits[t] = cache[key]
+        yield i, q, targets, hits
+
+
+def _split_of(v) -> Optional[str]:
+    """``correct`` / ``wrong`` from a query's ``correct`` cell; ``None`` when unknown (missing, NaN)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, str):
+        s = v.strip().lower()
+        return "correct" if s in ("true", "1", "yes") else "wrong" if s in ("false", "0", "no") else None
+    try:
+        return "correct" if bool(v) else "wrong"
+    except (TypeError, ValueError):
+        return None
+
+
+def answer_ranks(run: RunData, texts: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Per factual / reasoning query, the rank at which its answer is first complete (the basis of Fig. 3).
+
+    Uses the module's answer matching (:func:`query_targets`: the full factual answer, or each reasoning step
+    stated with its result). A factual answer must sit in *one* document; a reasoning query's step answers may be
+    spread over several, so its answer is complete at rank ``max over steps of (best rank of a document stating
+    that step)``. Columns: ``query, task, group, correct, split`` (``correct`` / ``wrong`` / ``None``),
+    ``n_steps``, ``step_ranks`` (1-based best rank per target, ``None`` if no document states it),
+    ``rank_found`` (the answer is in the top k iff ``rank_found <= k``; ``None`` if never complete),
+    ``found_anywhere``, ``n_answer_docs``, ``targets``.
+    """
+    n = run.scores.shape[1]
+    if texts is None and "text" not in run.documents.columns:
+        raise InputError("answer_ranks needs the documents' text: the run's documents have no 'text' column")
+    rows = []
+    for i, q, targets, hits in _hit_rows(run, texts):
+        if hits.shape[1] != n:
+            raise InputError(f"{hits.shape[1]} document texts for {n} scored documents; pass one text per column")
+        order = np.argsort(-run.scores[i], kind="stable")
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(1, n + 1)
+        best = np.where(hits, rank[None, :], n + 1).min(axis=1)
+        step_ranks = [int(b) if b <= n else None for b in best]
+        done = int(best.max())
+        rows.append({"query": q["id"], "task": q["task"], "group": group_of(q["task"]), "correct": q.get("correct"),
+                     "split": _split_of(q.get("correct")), "n_steps": len(targets), "step_ranks": step_ranks,
+                     "rank_found": done if done <= n else None, "found_anywhere": bool(done <= n),
+                     "n_answer_docs": int(hits.any(axis=0).sum()), "targets": [lab for lab, _ in targets]})
+    cols = ["query", "task", "group", "correct", "split", "n_steps", "step_ranks", "rank_found", "found_anywhere",
+            "n_answer_docs", "targets"]
+    out = pd.DataFrame(rows, columns=cols)
+    out["rank_found"] = pd.Series([r["rank_found"] for r in rows], dtype=object)  # ints, None when never complete
+    return out
+
+
+def wilson_interval(found: int, n: int, z: float = 1.959963984540054) -> Tuple[float, float]:
+    """Wilson score interval (95 % by default) for ``found`` successes out of ``n`` (``n >= 1``)."""
+    if n < 1:
+        raise InputError("wilson_interval needs n >= 1")
+    p = found / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    lo = 0.0 if found == 0 else max(0.0, mid - half)  # exact ends (no 1e-17 from rounding)
+    hi = 1.0 if found == n else min(1.0, mid + half)
+    return float(lo), float(hi)
+
+
+def curve_fractions(n: int, points: int = 16) -> List[float]:
+    """Default fractions for :func:`answer_curves`: one document (``1/n``), a log grid up to all documents
+    (``points`` values, duplicates of the same k dropped), the paper's cuts (:data:`PAPER_FRACTIONS`, which include
+    its 0.01 %) and 1.0."""
+    if n < 1:
+        raise InputError("curve_fractions needs at least one document")
+    grid, seen = [], set()
+    for f in np.geomspace(1.0 / n, 1.0, max(2, points)):
+        k = k_from_fraction(float(f), n)
+        if k not in seen:
+            seen.add(k)
+            grid.append(k / n)
+    return sorted(set(grid) | set(PAPER_FRACTIONS) | {1.0 / n, 1.0})
+
+
+def _check_fractions(fractions) -> List[float]:
+    try:
+        fr = [float(f) for f in np.atleast_1d(np.asarray(fractions, dtype=float))]
+    except (TypeError, ValueError):
+        raise InputError(f"fractions must be numbers in (0, 1], got {fractions!r}")
+    bad = [f for f in fr if not (0 < f <= 1)]
+    if not fr or bad:
+        raise InputError(f"fractions must be numbers in (0, 1] (e.g. 1e-4 for the paper's top 500 of 5M), "
+                         f"got {bad or fr}")
+    return fr
+
+
+def _bar(found: int, n: int, min_n: int, what: str) -> dict:
+    if n < max(1, min_n):
+        return {"found": int(found), "n": int(n), "share": None, "ci_low": None, "ci_high": None, "testable": False,
+                "reason": f"not testable: {n} {what} queries (needs at least {max(1, min_n)})"}
+    lo, hi = wilson_interval(int(found), int(n))
+    return {"found": int(found), "n": int(n), "share": found / n, "ci_low": lo, "ci_high": hi, "testable": True,
+            "reason": ""}
+
+
+def _tasks_in(ranks: pd.DataFrame) -> List[str]:
+    present = list(dict.fromkeys(ranks["task"]))
+    return [t for t in TASK_ORDER if t in present] + [t for t in present if t not in TASK_ORDER]
+
+
+def answer_curves(run: RunData, fractions: Optional[Sequence[float]] = None, min_n: int = 1,
+                  ranks: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """The paper's Fig. 3 as curves: share of queries whose answer is in the top k, for k from one document up.
+
+    For each fraction f (``k = k_from_fraction(f, N)``: at least one document; default :func:`curve_fractions`,
+    which includes the paper's 0.01 % = top 500 of 5M), per task (factual, arithmetic, linear, slope) and per
+    split of the query's ``correct`` column (``correct``, ``wrong``, and ``all``), the number of queries whose
+    answer is found in the top k -- factual: the full answer in one document; reasoning: every step's answer, in
+    possibly different documents (:func:`answer_ranks`) -- over the number of queries, with a 95 % Wilson
+    interval. A split with fewer than ``min_n`` queries (e.g. no wrong answers) reads ``not testable``.
+
+    Columns: ``fraction, k, k_floored`` (round(f × N) < 1, raised to one document), ``paper_k`` (f × 5M: the
+    paper's equivalent cut), ``task, group, split, found, n, share, ci_low, ci_high, testable, reason``.
+    ``ranks``: a precomputed :func:`answer_ranks` table (saves the text search).
+    """
+    n_docs = run.scores.shape[1]
+    fr = curve_fractions(n_docs) if fractions is None else _check_fractions(fractions)
+    ranks = answer_ranks(run) if ranks is None else ranks
+    cols = ["fraction", "k", "k_floored", "paper_k", "task", "group", "split", "found", "n", "share", "ci_low",
+            "ci_high", "testable", "reason"]
+    if len(ranks) == 0:
+        return pd.DataFrame(columns=cols)
+    ks = np.array([k_from_fraction(f, n_docs) for f in fr])
+    done = ranks["rank_found"].astype(float).fillna(np.inf).to_numpy()
+    found_at = done[:, None] <= ks[None, :]  # queries x fractions
+    rows = []
+    for task in _tasks_in(ranks):
+        in_task = (ranks["task"] == task).to_numpy()
+        for split in SPLITS:
+            sel = in_task & ((ranks["split"] == split).to_numpy() if split != "all" else True)
+            counts = found_at[sel].sum(axis=0)
+            what = f"{split} {task}" if split != "all" else task
+            for j, f in enumerate(fr):
+                rows.append({"fraction": f, "k": int(ks[j]), "k_floored": bool(int(round(f * n_docs)) < 1),
+                             "paper_k": f * PAPER_N_DOCUMENTS, "task": task, "group": group_of(task), "split": split,
+                             **_bar(int(counts[j]), int(sel.sum()), min_n, what)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def paper_cut_summary(run: RunData, fraction: float = PAPER_ANSWER_FRACTION, min_n: int = 1,
+                      ranks: Optional[pd.DataFrame] = None) -> dict:
+    """The bars of the paper's Fig. 3 at its cut, the top 500 of 5M documents (0.01 %) mapped to this run.
+
+    ``k = k_from_fraction(fraction, N)`` (at least one document). Returns a JSON-able dict: ``fraction, k,
+    k_floored, n_documents, paper`` (its k and N), ``note`` (the mapping in words), ``bars`` -- one record per
+    task × split (``correct`` / ``wrong``: the paper's separate bars) with ``task, group, split, found, n, share,
+    ci_low, ci_high, testable, reason`` --, ``groups`` (the same pooled per group, factual vs reasoning, which is
+    how the paper states its numbers: 55 % / 30 % of correctly answered factual queries, 2 / 0 reasoning queries)
+    and ``paper_reported`` (:data:`PAPER_REPORTED`).
+    """
+    fr = _check_fractions([fraction])[0]
+    n_docs = run.scores.shape[1]
+    ranks = answer_ranks(run) if ranks is None else ranks
+    k = k_from_fraction(fr, n_docs)
+    floored = int(round(fr * n_docs)) < 1
+    out = {"fraction": fr, "k": k, "k_floored": floored, "n_documents": int(n_docs),
+           "paper": {"k": fr * PAPER_N_DOCUMENTS, "n_documents": PAPER_N_DOCUMENTS},
+           "note": (f"the paper's top {fr * PAPER_N_DOCUMENTS:,.0f} of {PAPER_N_DOCUMENTS:,} documents "
+                    f"({100 * fr:.3g} %) is the top {k} of this run's {n_docs:,}"
+                    + (" (raised to one document)" if floored else "")),
+           "bars": [], "groups": [], "paper_reported": PAPER_REPORTED}
+    if len(ranks) == 0:
+        out["reason"] = "not testable: no factual or reasoning query with a searchable answer"
+        return out
+    done = ranks["rank_found"].astype(float).fillna(np.inf).to_numpy() <= k
+    for level, keys in (("task", _tasks_in(ranks)), ("group", [g for g in ("factual", "reasoning")
+                                                                 if (ranks["group"] == g).any()])):
+        for key in keys:
+            in_key = (ranks[level] == key).to_numpy()
+            for split in ("correct", "wrong"):
+                sel = in_key & (ranks["split"] == split).to_numpy()
+                rec = {"task": key, "group": group_of(key)} if level == "task" else {"group": key}
+                rec.update(split=split, **_bar(int(done[sel].sum()), int(sel.sum()), min_n, f"{split} {key}"))
+                out["bars" if level == "task" else "groups"].append(rec)
+    return out
