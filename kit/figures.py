@@ -142,6 +142,12 @@ def run_notebooks(ctx: Dict[str, object], figures_dir: Path, preset: str, notebo
     return out
 
 
+def run_sizes(findings: dict) -> Dict[str, dict]:
+    """``{model: {"n_queries", "n_documents"}}`` of the runs the notebooks analysed (from ``findings.json``)."""
+    f1 = (findings.get("paper") or {}).get("F1_correlations") or {}
+    return {m: {"n_queries": s["n_queries"], "n_documents": s["n_documents"]} for m, s in f1.items()}
+
+
 def config_hash(p: Preset, runs: Dict[str, str]) -> str:
     """One hash for the preset and every run's factors and scores (what the figures were made from)."""
     import hashlib
@@ -178,8 +184,10 @@ def main(preset: str = "lab", data_dir: str = "data", figures_dir: str = "figure
     data_json["timings"]["prepare_seconds"] = round(t_prep, 1)
     fj.write_text(json.dumps(data_json, indent=1))
     (figs / "findings.md").write_text(FD.report(data_json))
+    (figs / "index.md").write_text(FD.paper.index_markdown(run_sizes(data_json), figs))
     made = sorted(x.name for x in figs.glob("*.png"))
     print(f"[kit] {len(made)} figures (PNG + PDF) in {figs}: {', '.join(made)}")
-    print(f"[kit] numbers: {fj}; verdicts: {figs / 'findings.md'}; executed notebooks: {figs / 'executed'}")
+    print(f"[kit] numbers: {fj}; verdicts: {figs / 'findings.md'}; paper figure → file: {figs / 'index.md'}; "
+          f"executed notebooks: {figs / 'executed'}")
     print(f"[kit] runs: {', '.join(ctx['runs'].values())}; {time.time() - t0:.0f} s in all")
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import FindingsConfig
-from . import answers, correlations, magnitude, procedures, sources
+from . import answers, correlations, magnitude, paper, procedures, sources
 from .data import SOURCES, TASK_ORDER, RunData, from_arrays, group_of, load_run
 
 FINDINGS = {
@@ -63,6 +63,7 @@ def compute(runs: Sequence[RunData], cfg: FindingsConfig = FindingsConfig(), onl
         if "F5_sources" in want:
             out.setdefault("F5_sources", {})[r.name] = sources.summarise(r, cfg.source_fractions, cfg.n_boot // 2,
                                                                        cfg.seed)
+    out["paper"] = paper.summaries(runs, cfg, only=[k for k in FINDINGS if k in want])  # as the paper defines them
     out["verdicts"] = verdicts(out)
     return out
 
@@ -133,6 +134,10 @@ def report(results: dict) -> str:
         for model, v in per_model.items():
             lines.append(f"- `{model}`: {word[v['holds']]} — {v['text']}")
         lines.append("")
+        beside = paper.markdown(results.get("paper") or {}, key)
+        if beside:
+            lines += ["**The paper beside the kit, by the paper's definitions** (the kit's CI in brackets; "
+                      "verdicts compare like with like, see `kit/findings/paper.py`):", ""] + beside + [""]
     return "\n".join(lines)
 
 
@@ -154,4 +159,4 @@ def from_runs(paths: Sequence[Union[str, Path]], names: Optional[Sequence[str]] 
 
 __all__ = ["FINDINGS", "FindingsConfig", "compute", "verdicts", "merge", "report", "write", "from_runs", "load_run",
            "from_arrays", "RunData", "group_of", "TASK_ORDER", "SOURCES", "correlations", "magnitude", "answers",
-           "procedures", "sources"]
+           "procedures", "sources", "paper"]
