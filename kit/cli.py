@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a tiny world, about a minute) or smollm2 (make smollm2 first)")
     g.add_argument("--data-dir", default="data")
     g.add_argument("--figures-dir", default="figures")
-    g.add_argument("--n-docs", type=int, help="documents fitted and scored (seeded sample of the corpus)")
+    g.add_argument("--n-docs", type=int, help="documents the factors are fitted on (seeded sample of the corpus)")
+    g.add_argument("--score-sample-only", action="store_true", help="score only the fitted sample, not every "
+                   "document of the corpus (the lab preset scores all 20,000)")
     g.add_argument("--query-rank", help="full or a rank r for the query gradients")
     g.add_argument("--fisher", choices=["sampled", "empirical"])
     g.add_argument("--factual", type=int, help="factual queries per model")
@@ -330,6 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     if getattr(args, k) is not None}
             if args.query_rank is not None:
                 over["query_rank"] = parse_rank(args.query_rank)
+            if args.score_sample_only:
+                over["score_all"] = False
             _, nb = _findings_config(args)
             return figures_main(args.preset, args.data_dir, args.figures_dir, over, nb)
         elif args.cmd == "findings":

@@ -4,8 +4,9 @@ Presets (``--preset``, ``make figures PRESET=…``):
 
 ``lab``      (default) the offline lab world: 20k-document corpus, the ``small`` and ``large`` lab models
              pretrained on it, each answering its paper-style query set; EK-FAC (sampled Fisher, heuristic
-             damping, every MLP projection) fitted and scored on a seeded sample of the corpus (the paper, too,
-             scores a sample of the pretraining data).
+             damping, every MLP projection) fitted on a seeded sample of 4,000 documents and every one of the
+             20,000 training documents scored with it (the paper fits and scores a sample of the pretraining data;
+             here the whole pretraining corpus is scored, so every cut is as fine as the corpus allows).
 ``smoke``    the same pipeline on a tiny world (800 documents, two tiny models, a few queries): every stage end
              to end in about two minutes. The test suite runs the notebooks on it.
 ``smollm2``  SmolLM2-135M-Instruct (``make smollm2``) on the lab corpus, chat template, a small document sample.
@@ -46,7 +47,9 @@ class Preset:
     min_docs: int = field(default=15, metadata={"help": "factual queries only about facts this many documents state "
                                                                 "(benchmarks/fact_recall.py: recall by frequency)"})
     chat: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat template"})
-    n_docs: Optional[int] = field(default=4000, metadata={"help": "documents fitted and scored (seeded sample)"})
+    n_docs: Optional[int] = field(default=4000, metadata={"help": "documents the factors are fitted on (seeded sample)"})
+    score_all: bool = field(default=True, metadata={
+        "help": "score every document of the corpus with the fitted factors (False: only the fitted sample)"})
     fisher: str = field(default="sampled", metadata={"help": "sampled (true Fisher, the paper) or empirical"})
     query_rank: Union[str, int] = field(default="full", metadata={"help": "full or a rank r for query gradients"})
     batch_size: int = field(default=16, metadata={"help": "documents per forward/backward pass"})
@@ -55,9 +58,9 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     "lab": Preset(),
     "smoke": Preset(corpus="smoke", world="smoke-lab", pretrain_sizes={"small": "smoke_small", "large": "smoke_large"},
-                    factual=6, reasoning=4, controls=2, min_docs=2, n_docs=None),
-    "smollm2": Preset(models={"smollm2": "smollm2"}, chat=True, n_docs=64, query_rank=32, batch_size=4, factual=20,
-                      reasoning=10, controls=5),
+                    factual=6, reasoning=4, controls=2, min_docs=2, n_docs=None, score_all=False),
+    "smollm2": Preset(models={"smollm2": "smollm2"}, chat=True, n_docs=64, score_all=False, query_rank=32,
+                      batch_size=4, factual=20, reasoning=10, controls=5),
 }
 
 
@@ -95,7 +98,8 @@ def prepare(preset: Preset, data_dir: Path, progress: bool = True) -> Dict[str, 
         t0 = time.time()
         fit(FitConfig(model=model, corpus=str(world / "corpus.parquet"), fisher=preset.fisher, n_docs=preset.n_docs,
                       batch_size=preset.batch_size), run, quiet=not progress)
-        score(run, ScoreConfig(queries=queries, query_rank=preset.query_rank), quiet=not progress)
+        every = str(world / "corpus.parquet") if preset.score_all else None
+        score(run, ScoreConfig(queries=queries, query_rank=preset.query_rank, corpus=every), quiet=not progress)
         t[f"fit_score_{name}"] = time.time() - t0
         runs[name] = str(run)
     return {"world": str(world), "runs": runs, "timings": {k: round(v, 1) for k, v in t.items()},

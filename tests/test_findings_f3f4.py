@@ -311,3 +311,11 @@ def test_keyword_counter_agrees_with_the_lab_corpus_labels(tmp_path):
     recs = pd.DataFrame(acc["records"])
     assert (recs["labelled"] >= 10).all(), recs
     assert (recs["precision"] >= 0.9).all() and (recs["recall"] >= 0.9).all(), recs
+
+
+def test_an_unparseable_reasoning_prompt_is_searched_by_its_answer_or_left_out():
+    from kit.findings.answers import query_targets
+
+    assert query_targets("Work out this odd puzzle, please", "arithmetic") == []
+    [(label, pat)] = query_targets("Work out this odd puzzle, please", "slope", answer=42)
+    assert label == "42" and pat.search("so it is 42.") and not pat.search("it is 420")

@@ -10,12 +10,17 @@ from kit.figures import NOTEBOOKS, PRESETS, ROOT, config_hash, prepare, run_note
 FIGURES = {
     "01_world_and_queries.ipynb": ["world_corpus_composition", "world_accuracy_by_task"],
     "02_fit_and_score.ipynb": ["fit_eigenvalue_spectra_small", "score_distributions_large"],
-    "03_f1_correlations.ipynb": ["f1_pearson_heatmaps", "f1_spearman_heatmaps", "f1_within_task_means"],
+    "03_f1_correlations.ipynb": ["f1_pearson_heatmaps", "f1_spearman_heatmaps", "f1_within_task_means",
+                                 "paper_fig1_overview_heatmaps", "paper_f1_per_task_means", "paper_f1_pair_table"],
     "04_f2_magnitude.ipynb": ["f2_cumulative_influence", "f2_percent_of_total", "f2_negative_tail",
-                              "f2_powerlaw_rank_plots", "f2_powerlaw_slopes"],
-    "05_f3_answers.ipynb": ["f3_answers_in_top_k", "f3_fact_document_ranks"],
-    "06_f4_procedures.ipynb": ["f4_procedures_in_top_k"],
-    "07_f5_sources.ipynb": ["f5_sources_top", "f5_sources_bottom"],
+                              "f2_powerlaw_rank_plots", "f2_powerlaw_slopes", "paper_fig2_influence_per_nat",
+                              "paper_fig2_absolute_count", "paper_a9_2_negative_tail", "paper_a9_2_size_ratio",
+                              "paper_a9_2_volatility", "paper_a9_3_powerlaw_slopes"],
+    "05_f3_answers.ipynb": ["f3_answers_in_top_k", "f3_fact_document_ranks", "paper_fig3_answers_top_k",
+                            "paper_fig3_answer_curves"],
+    "06_f4_procedures.ipynb": ["f4_procedures_in_top_k", "paper_a8_3_keyword_categories", "paper_f4_procedures_top_k"],
+    "07_f5_sources.ipynb": ["f5_sources_top", "f5_sources_bottom", "paper_fig4_source_multipliers",
+                            "paper_a8_4_bottom_and_controls"],
     "08_explorer.ipynb": [],
 }
 KEYS = ["F0_world", "F0_fit", "F1_correlations", "F2_magnitude", "F3_answers", "F4_procedures", "F5_sources",
@@ -67,6 +72,22 @@ def test_notebooks_execute_write_figures_and_findings(smoke_ctx, tmp_path):
         assert all(v["holds"] in (True, False, None) and v["text"] for v in data["verdicts"][key].values())
     assert "cross_model" in data["F1_correlations"]["small"]
     assert "multiplier" in data["F2_magnitude"]["small"]
+    # the notebooks report what the tested functions compute, number for number
+    from kit import findings as FD
+
+    cfg = FD.FindingsConfig(n_boot=50)
+    runs = smoke_ctx["runs"]
+    ref = json.loads(json.dumps(FD._jsonable(FD.compute(FD.from_runs([runs["small"], runs["large"]],
+                                                                        ["small", "large"], cfg), cfg))))
+    for key in KEYS[2:7]:
+        assert data[key] == ref[key], key
+        assert data["paper"][key] == ref["paper"][key], key
+        assert data["verdicts"][key] == ref["verdicts"][key], key
+    # every paper figure named in figures/index.md was made
+    index = FD.paper.index_markdown(ref["runs"], tmp_path)
+    for _, stem, nb, _ in FD.paper.FIGURES:
+        assert (tmp_path / f"{stem}.png").stat().st_size > 5_000, stem
+        assert f"[{stem}.png]({stem}.png)" in index and f"notebooks/{nb}.ipynb" in index
     html = (tmp_path / "explorer_small.html").read_text()
     assert "08_explorer" in html and "<table>" in html and "background:rgba" in html
 

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import FindingsConfig
 from . import answers, correlations, magnitude, paper, procedures, sources
-from .data import SOURCES, TASK_ORDER, RunData, from_arrays, group_of, load_run
+from .data import SOURCES, TASK_ORDER, RunData, from_arrays, group_of, jsonable as _jsonable, load_run
 
 FINDINGS = {
     "F1_correlations": ("Influence scores correlate between queries of the same reasoning task", correlations),
@@ -96,22 +96,6 @@ def merge(path: Union[str, Path], update: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=True))
     return data
-
-
-def _jsonable(x):
-    import numpy as np
-
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, float) and x != x:
-        return None
-    return x
 
 
 def report(results: dict) -> str:

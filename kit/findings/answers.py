@@ -68,10 +68,17 @@ def answer_pattern(answer: str) -> re.Pattern:
 
 
 def query_targets(prompt: str, task: str, answer=None) -> List[Tuple[str, re.Pattern]]:
-    """What to search for: ``[(label, pattern)]``; one full answer for factual queries, one per reasoning step."""
+    """What to search for: ``[(label, pattern)]``; one full answer for factual queries, one per reasoning step.
+
+    A reasoning prompt that does not follow the task's template has no steps to search: its final ``answer`` is
+    searched instead when the row has one, otherwise nothing (the query is left out of the answer search)."""
     if task in REASONING:
         inst = parse_instance(prompt, task)
-        return [(f"{e} = {_fmt(Fraction(v))}", step_pattern(e, v)) for e, v in inst.steps()]
+        if inst is not None:
+            return [(f"{e} = {_fmt(Fraction(v))}", step_pattern(e, v)) for e, v in inst.steps()]
+        if answer is None or (isinstance(answer, float) and answer != answer) or str(answer).strip() == "":
+            return []
+        return [(str(answer), answer_pattern(str(answer)))]
     truth = true_answer(prompt, task, answer)
     if truth is None or str(truth).strip() == "":
         return []

@@ -25,7 +25,7 @@ from scipy import stats
 
 from ..errors import InputError
 from ..queries import REASONING
-from .data import TASK_ORDER, RunData, pair_runs
+from .data import TASK_ORDER, RunData, jsonable as _jsonable, pair_runs
 
 
 def query_correlations(scores: np.ndarray, method: str = "pearson") -> np.ndarray:
@@ -498,23 +498,6 @@ def overview_heatmap_data(run: RunData, n_per_task: int = 10, seed: int = 0, met
     M = query_correlations(run.scores[rows_a], method) if len(rows_a) else np.zeros((0, 0))
     return {"matrix": M, "labels": [f"{ids[r]} ({tasks[r]})" for r in rows_a], "query_ids": ids[rows_a].tolist(),
             "tasks": tasks[rows_a].tolist(), "rows": rows_a.tolist(), "blocks": blocks}
-
-
-def _jsonable(x):
-    """NaN → None, numpy scalars/arrays → Python, recursively (for findings.json)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not np.isfinite(x) else float(x)
-    return x
 
 
 def paper_summary(run: RunData, other: Optional[RunData] = None, n_boot: int = 1000, seed: int = 0,

@@ -140,5 +140,23 @@ def as_list(x) -> list:
     return list(x)
 
 
+def jsonable(x, keep_nan: bool = False):
+    """Python scalars, lists and dicts only (numpy scalars and arrays converted, recursively), so that ``json.dumps``
+    takes the result; NaN and ±inf become ``None`` unless ``keep_nan``."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v, keep_nan) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v, keep_nan) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist(), keep_nan)
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if keep_nan or np.isfinite(x) else None
+    return x
+
+
 __all__ = ["TASK_ORDER", "SOURCES", "group_of", "RunData", "load_run", "from_arrays", "pair_runs",
-           "k_from_fraction", "as_list"]
+           "k_from_fraction", "as_list", "jsonable"]

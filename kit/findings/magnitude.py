@@ -35,7 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from ..errors import InputError
-from .data import RunData, group_of, k_from_fraction, pair_runs
+from .data import RunData, group_of, jsonable, k_from_fraction, pair_runs
 
 PERCENTILES = np.linspace(0, 100, 101)
 
@@ -367,16 +367,22 @@ def group_curves(run: RunData, tail: str = "positive", relative: bool = False,
     csum = np.concatenate([np.zeros((X.shape[0], 1)), np.cumsum(mags, axis=1)], axis=1)
     counts = np.ceil(pct[None, :] / 100 * n_tail[:, None]).astype(int)
     V = np.take_along_axis(csum, counts, axis=1)
+    return _group_means(run, V, csum[:, -1:], tail, relative, ci, {"percentile": pct})
+
+
+def _group_means(run: RunData, V: np.ndarray, total: np.ndarray, tail: str, relative: bool, ci: float,
+                 x: Dict[str, np.ndarray]) -> pd.DataFrame:
+    """Per-query cumulative totals ``V (Q, len(x))`` → per-group mean and t-interval at each ``x`` (as percent of
+    the tail's ``total`` when ``relative``; negated for the negative tail)."""
     if relative:
-        tot = csum[:, -1:]
-        V = np.where(tot > 0, 100 * V / np.where(tot > 0, tot, 1.0), np.nan)
+        V = np.where(total > 0, 100 * V / np.where(total > 0, total, 1.0), np.nan)
     if tail == "negative":
         V = -V
     groups = _group_array(run.tasks)
     parts = []
     for g in _present_groups(groups):
         m, lo, hi, n = _col_mean_ci(V[groups == g], ci)
-        parts.append(pd.DataFrame({"group": g, "percentile": pct, "mean": m, "ci_low": lo, "ci_high": hi, "n": n}))
+        parts.append(pd.DataFrame({"group": g, **x, "mean": m, "ci_low": lo, "ci_high": hi, "n": n}))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -404,19 +410,7 @@ def cumulative_by_count(run: RunData, ks: Optional[Sequence[int]] = None, tail: 
     mags = np.where(X > 0, X, 0.0) if tail == "positive" else np.where(X < 0, -X, 0.0)
     top = _top_desc(mags, D if relative else int(ks.max()))
     csum = np.cumsum(top, axis=1)
-    V = csum[:, ks - 1]
-    if relative:
-        tot = csum[:, -1:]
-        V = np.where(tot > 0, 100 * V / np.where(tot > 0, tot, 1.0), np.nan)
-    if tail == "negative":
-        V = -V
-    groups = _group_array(run.tasks)
-    parts = []
-    for g in _present_groups(groups):
-        m, lo, hi, n = _col_mean_ci(V[groups == g], ci)
-        parts.append(pd.DataFrame({"group": g, "k": ks, "fraction": ks / D, "mean": m, "ci_low": lo, "ci_high": hi,
-                                   "n": n}))
-    return pd.concat(parts, ignore_index=True)
+    return _group_means(run, csum[:, ks - 1], csum[:, -1:], tail, relative, ci, {"k": ks, "fraction": ks / D})
 
 
 @_json_result
@@ -811,17 +805,5 @@ def paper_verdicts(ps: dict) -> Dict[str, dict]:
 
 
 def _plain(x):
-    """Python scalars only (numpy scalars and arrays converted) so ``json.dumps`` takes the result."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_plain(v) for v in x.tolist()]
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    return x
+    """JSON-able, NaN kept (the planted-data tests read NaN slopes back)."""
+    return jsonable(x, keep_nan=True)
