@@ -39,6 +39,12 @@ def test_notebooks_are_committed_clean():
         assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code"), nb
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), nb
         assert cells[0]["cell_type"] == "markdown" and len("".join(cells[0]["source"])) > 300, nb
+        # opened from notebooks/ (Jupyter, Voilà) it works from the repository root, and its defaults are the runs
+        # `make figures` builds
+        p = next(i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+        assert any('os.chdir("..")' in "".join(c["source"]) for c in cells[:p]), nb
+        params = "".join(cells[p]["source"])
+        assert 'world_dir = "data/lab"' in params and '"large": "data/runs/lab-large"' in params, nb
 
 
 def test_smoke_preset_builds_two_scored_runs(smoke_ctx):
