@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-docs", type=int, help="factual queries only about facts this many documents state")
     _findings_args(g)
 
+    h = sub.add_parser("html", help="every executed notebook (figures/executed) as standalone offline HTML")
+    h.add_argument("--figures-dir", default="figures")
+
     fd = sub.add_parser("findings", help="compute the five findings of scored run directories -> findings.json/.md")
     fd.add_argument("--run", action="append", required=True, help="a scored run directory (repeat for a second "
                     "model: cross-model correlations and magnitude multipliers)")
@@ -336,6 +339,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 over["score_all"] = False
             _, nb = _findings_config(args)
             return figures_main(args.preset, args.data_dir, args.figures_dir, over, nb)
+        elif args.cmd == "html":
+            from .figures import ROOT, export_html
+
+            for path in export_html((ROOT / args.figures_dir / "executed").resolve()):
+                print(path)
         elif args.cmd == "findings":
             from . import findings as FD
 

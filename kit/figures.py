@@ -195,3 +195,35 @@ def main(preset: str = "lab", data_dir: str = "data", figures_dir: str = "figure
           f"executed notebooks: {figs / 'executed'}")
     print(f"[kit] runs: {', '.join(ctx['runs'].values())}; {time.time() - t0:.0f} s in all")
     return 0
+
+
+def export_html(executed_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] = None) -> List[Path]:
+    """``make html``: every executed notebook as one standalone HTML file, readable offline without Python.
+
+    nbconvert's ``lab`` template with the figures embedded; every ``<script>`` is left out (MathJax, require.js
+    and mermaid would load from a CDN, and nothing in these notebooks needs them to be read), so the files open
+    with no network. Returns the files written (``<notebook>.html`` beside the notebooks unless ``out_dir``)."""
+    import re
+
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    executed_dir = Path(executed_dir)
+    notebooks = sorted(executed_dir.glob("*.ipynb"))
+    if not notebooks:
+        raise InputError(f"no executed notebooks in {executed_dir}: run `make figures` first")
+    out_dir = Path(out_dir) if out_dir else executed_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exporter = HTMLExporter(template_name="lab", embed_images=True, mathjax_url="", require_js_url="",
+                            mermaid_js_url="")
+    written = []
+    for nb in notebooks:
+        body, _ = exporter.from_notebook_node(nbformat.read(nb, as_version=4))
+        body = re.sub(r"<script\b[^>]*>.*?</script>", "", body, flags=re.S | re.I)
+        remote = re.findall(r"""(?:src|href)\s*=\s*["'](?:https?:)?//""", body, flags=re.I)
+        if remote:  # a template change that loads something from the network: say so rather than ship it
+            raise RuntimeError(f"{nb.name}: the HTML export still references {len(remote)} remote resources")
+        target = out_dir / (nb.stem + ".html")
+        target.write_text(body, encoding="utf-8")
+        written.append(target)
+    return written

@@ -2,6 +2,7 @@
 figures with provenance and its keys in findings.json; `kit findings` computes the same from a run directory."""
 
 import json
+import re
 
 import pytest
 
@@ -94,6 +95,18 @@ def test_notebooks_execute_write_figures_and_findings(smoke_ctx, tmp_path):
     for _, stem, nb, _ in FD.paper.FIGURES:
         assert (tmp_path / f"{stem}.png").stat().st_size > 5_000, stem
         assert f"[{stem}.png]({stem}.png)" in index and f"notebooks/{nb}.ipynb" in index
+    # make html: each executed notebook readable offline, figures embedded, nothing fetched from a network
+    from kit.figures import export_html
+
+    pages = export_html(tmp_path / "executed")
+    assert [p.stem for p in pages] == [nb.split(".")[0] for nb in NOTEBOOKS]
+    for page, nb in zip(pages, NOTEBOOKS):
+        text = page.read_text()
+        title = json.loads((ROOT / "notebooks" / nb).read_text())["cells"][0]["source"][0].lstrip("# ").strip()
+        assert max(re.findall(r"[A-Za-z]{4,}", title), key=len) in text, nb  # the notebook's own heading
+        assert "<script" not in text.lower() and "https://cdn" not in text, nb
+        if FIGURES[nb]:
+            assert "data:image/png;base64," in text, nb
     html = (tmp_path / "explorer_small.html").read_text()
     assert "08_explorer" in html and "<table>" in html and "background:rgba" in html
 
