@@ -3,6 +3,7 @@ figures with provenance and its keys in findings.json; `kit findings` computes t
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,35 @@ def test_kit_findings_cli_matches_the_notebooks(smoke_ctx, tmp_path, capsys):
     assert "## F5" in (tmp_path / "findings.md").read_text()
     assert main(["findings", "--run", str(tmp_path / "nope")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_explorer_reads_the_top_k_table_and_highlights_every_shown_document(smoke_ctx):
+    import numpy as np
+
+    import kit
+    from kit.errors import InputError
+    from kit.explorer import Explorer, _text
+
+    runs = smoke_ctx["runs"]
+    e = Explorer(runs)
+    qid = e.default_query("small")
+    assert e.queries["small"].set_index("id").loc[qid, "task"] in ("arithmetic", "slope", "linear")
+    picks = e.picks("small", qid, n=3, kind="raw")
+    scores = kit.load_scores(runs["small"], "raw")
+    row = np.asarray(scores.loc[qid], dtype=float)
+    order = np.argsort(-row, kind="stable")
+    top_ids = list(scores.columns[order[:3]])
+    assert picks[picks["side"] == "top"]["document"].tolist() == top_ids  # the top-k table = the dense ranking
+    page = e.view("small", qid, n=3, kind="raw")
+    n_layers = len(json.loads((Path(runs["small"]) / "config.json").read_text())["modules"])
+    assert page.count("<tr>") == 1 + 6 and page.count('class="bar"') == 6 * n_layers
+    assert page.count("<td><div class=\"doc\"><span title=") == 6  # every shown document highlighted
+    assert "text-align:left" in page and "Top and bottom 3 of" in page
+    truth = e.relevant("small", qid, top_ids)  # the smoke lab corpus is labelled: does each demonstrate the procedure?
+    docs = e.documents["small"].loc[top_ids]
+    assert truth == {d: p == e.queries["small"].set_index("id").loc[qid, "task"]
+                     for d, p in zip(top_ids, docs["procedure"])}
+    assert "<th>shows the procedure</th>" in page
+    assert "$" not in _text("costs $5, or $x$") and "&#36;5" in _text("costs $5")
+    with pytest.raises(InputError, match="not in the scores"):
+        e.view("small", "no-such-query")
