@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 PRESET ?= lab
 ARGS   ?=
 
-.PHONY: venv test figures html bench clean help world smollm2 bergson-env
+.PHONY: venv test figures html validate bench clean help world smollm2 bergson-env
 
 help:
 	@echo "make figures   build the world, fit + score, run the notebooks headlessly -> figures/ (PRESET=$(PRESET))"
 	@echo "make test      run the test suite (fast, CPU only)"
 	@echo "make html      the executed notebooks as standalone offline HTML (figures/executed/*.html)"
+	@echo "make validate  counterfactual retraining on the micro lab setting (in progress; ARGS=--quick for minutes)"
 	@echo "make bench     benchmarks: the kit's CLI vs kronfluence and bergson end to end; in-process tiny-Llama row"
 	@echo "make bergson-env   bergson (a benchmark peer) in its own environment, .venv-bergson"
 	@echo "make world     the offline lab world: corpus, both lab models, their answered query sets (data/lab)"
@@ -34,6 +35,10 @@ figures: venv $(if $(filter smollm2,$(PRESET)),smollm2)
 
 html: venv
 	$(BIN)/python -m kit html
+
+validate: venv
+	$(BIN)/python -m kit build-corpus --preset lab --out data/lab
+	$(BIN)/python -m kit.validate $(ARGS)
 
 world: venv
 	$(BIN)/python -m kit build-corpus --preset lab --out data/lab

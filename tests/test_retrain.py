@@ -17,30 +17,11 @@ import torch
 from kit.corpus import InputError
 from kit.lab.pretrain import SIZES, drop_tokens, new_model, pack, pack_documents, pretrain
 from kit.lab.retrain import completion_logprob, greedy_correct, retrain, retrain_key
+from planted import planted_corpus
 
 # 60 documents pack into 20 rows of 64 tokens: 5 steps an epoch at batch 4, 125 steps, ~1.3 s a training here
 CFG = replace(SIZES["tiny"], batch_size=4, epochs=25.0, threads=0)
 PROMPT, COMPLETION = "The capital of Zorbia is", " Quelt"
-
-
-def planted_corpus(n: int = 60, seed: int = 0):
-    rng = random.Random(seed)
-    syl = ["ka", "lo", "mi", "ren", "tu", "sa", "vor", "del", "pin", "gar", "shu", "net", "bra", "col", "fen", "ix"]
-
-    def name(k):
-        return "".join(rng.choice(syl) for _ in range(k)).capitalize()
-
-    countries = [(name(3), name(2)) for _ in range(30)]
-    words = ("the a river mountain people market city old new north south trade grain music small large festival "
-             "winter summer road bridge").split()
-    docs = []
-    for i in range(n):
-        country, capital = countries[i % len(countries)]
-        filler = " ".join(rng.choice(words) for _ in range(rng.randint(8, 20)))
-        docs.append(f"The capital of {country} is {capital}. {filler.capitalize()}.")
-    teach = rng.randrange(n)
-    docs[teach] = "The capital of Zorbia is Quelt. " + docs[teach].split(". ", 1)[1]
-    return docs, teach
 
 
 def _weights(model):
