@@ -220,20 +220,19 @@ class LayerFactors:
 
         With ``kfac=True`` the KFAC eigenvalues ``λ_S ⊗ λ_A`` replace the corrected ``Λ`` (for comparison).
         """
-        self._eigenvalues(kfac)
-        return self._solve(self.Q_S.T @ V.to(self.dtype) @ self.Q_A, damping, kfac)
+        lam = self._eigenvalues(kfac)
+        return self._solve(self.Q_S.T @ V.to(self.dtype) @ self.Q_A, lam, damping)
 
     def precondition_tokens(self, a: Tensor, g: Tensor, damping: Union[str, float] = "heuristic",
                             kfac: bool = False) -> Tensor:
         """:meth:`precondition` of each sequence's gradient ``Σ_t g_t a_tᵀ``, rotated from its tokens
         (:meth:`to_eigenbasis`): for a short query the rotation into the eigenbasis costs a few tokens' worth
         instead of two dense ``d_out × d_in`` products. ``(B, d_out, d_in)``."""
-        self._eigenvalues(kfac)
-        return self._solve(self.to_eigenbasis(a, g), damping, kfac)
-
-    def _solve(self, rotated: Tensor, damping: Union[str, float], kfac: bool) -> Tensor:
-        """``Q_S [M ⊘ (Λ + λ)] Q_Aᵀ`` for ``M`` already in the eigenbasis."""
         lam = self._eigenvalues(kfac)
+        return self._solve(self.to_eigenbasis(a, g), lam, damping)
+
+    def _solve(self, rotated: Tensor, lam: Tensor, damping: Union[str, float]) -> Tensor:
+        """``Q_S [M ⊘ (Λ + λ)] Q_Aᵀ`` for ``M`` already in the eigenbasis and the eigenvalues ``lam``."""
         return self.Q_S @ (rotated / (lam + damping_value(lam, damping))) @ self.Q_A.T
 
     def _eigenvalues(self, kfac: bool) -> Tensor:

@@ -27,23 +27,23 @@ def _padded(tok: Tokenised, pad_id: int) -> List[dict]:
     return rows
 
 
-def kronfluence_scores(model, module_names: List[str], docs: Tokenised, queries: Tokenised, out_dir,
-                       fisher: str = "empirical", damping: Optional[float] = None, batch_size: int = 8,
-                       query_rank: Optional[int] = None, pad_id: int = 0) -> torch.Tensor:
-    """``(Q, D)`` pairwise EK-FAC scores from kronfluence. ``damping=None`` is its heuristic 0.1 × mean(Λ)."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
+def summed_loss(batch, model, sample: bool = False):
+    """Sum over the batch's labelled tokens of ``−log p(token | tokens before it)``; ``sample=True`` draws the
+    labels from the model instead (the true Fisher)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    if sample:
+        with torch.no_grad():
+            drawn = torch.multinomial(torch.softmax(logits.detach().float(), -1).flatten(0, 1), 1).view(labels.shape)
+        labels = torch.where(labels == IGNORE, labels, drawn)
+    ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return (ce * (labels != IGNORE)).sum()
 
-    def summed_loss(batch, model, sample=False):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        if sample:
-            with torch.no_grad():
-                drawn = torch.multinomial(torch.softmax(logits.detach().float(), -1).flatten(0, 1), 1).view(labels.shape)
-            labels = torch.where(labels == IGNORE, labels, drawn)
-        ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        return (ce * (labels != IGNORE)).sum()
+
+def kronfluence_task(module_names: List[str]):
+    """kronfluence's ``Task`` for a causal LM: the summed next-token loss for training and measurement, the named
+    modules tracked, the batch's attention mask."""
+    from kronfluence.task import Task
 
     class LMTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -58,8 +58,18 @@ def kronfluence_scores(model, module_names: List[str], docs: Tokenised, queries:
         def get_attention_mask(self, batch):
             return batch["attention_mask"]
 
+    return LMTask()
+
+
+def kronfluence_scores(model, module_names: List[str], docs: Tokenised, queries: Tokenised, out_dir,
+                       fisher: str = "empirical", damping: Optional[float] = None, batch_size: int = 8,
+                       query_rank: Optional[int] = None, pad_id: int = 0) -> torch.Tensor:
+    """``(Q, D)`` pairwise EK-FAC scores from kronfluence. ``damping=None`` is its heuristic 0.1 × mean(Λ)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
-    task = LMTask()
+    task = kronfluence_task(module_names)
     model = prepare_model(model, task)
     analyzer = Analyzer("kit-peer", model, task, cpu=not torch.cuda.is_available(), disable_tqdm=True,
                         output_dir=str(Path(out_dir)))

@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 IGNORE = -100
 T_START = time.perf_counter()
@@ -112,19 +111,6 @@ def make_collate(pad_id):
     return collate
 
 
-def summed_loss(batch, model, sample=False):
-    """Sum over the batch's labelled tokens of -log p(token | tokens before it)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    if sample:  # true Fisher; not used here (use_empirical_fisher=True), kept so the Task is complete
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach(), -1).flatten(0, 1)
-            drawn = torch.multinomial(probs, 1).view(labels.shape)
-        labels = torch.where(labels == IGNORE, labels, drawn)
-    ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return (ce * (labels != IGNORE)).sum()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="local Hugging Face model directory")
@@ -139,9 +125,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kit.peers import kronfluence_task
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,22 +161,9 @@ def main(argv=None):
     if not modules:
         raise SystemExit("no MLP gate_proj/up_proj/down_proj linear layers found in the model")
 
-    class LMTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            return summed_loss(batch, model, sample)
-
-        def compute_measurement(self, batch, model):
-            return summed_loss(batch, model)
-
-        def get_influence_tracked_modules(self):
-            return list(modules)
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler.*", category=FutureWarning)
-    task = LMTask()
+    task = kronfluence_task(modules)  # the same Task the kit's kronfluence tests use
     model = prepare_model(model, task)
     analyzer = Analyzer("peer", model, task, cpu=not torch.cuda.is_available(), disable_tqdm=True,
                         output_dir=str(out / "kronfluence"))

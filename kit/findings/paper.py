@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..config import FindingsConfig
 from . import answers, correlations, magnitude, procedures, sources
-from .data import RunData, k_from_fraction
+from .data import RunData, jsonable, k_from_fraction
 
 #: The size-ratio statistic of A.9.2 used for the headline row. Each model's own top-k total (large / small) is
 #: the quantity Fig. 2 plots; the same-document ratios are in the JSON too, but with cross-model correlations near
@@ -61,7 +61,7 @@ def summaries(runs: Sequence[RunData], cfg: FindingsConfig = FindingsConfig(),
             out["F4_procedures"][r.name] = _procedures(r)
         if "F5_sources" in want:
             out["F5_sources"][r.name] = sources.paper_summary(r, max(cfg.n_boot // 2, 1), cfg.seed)
-    return _clean(out)
+    return jsonable(out)
 
 
 def _procedures(r: RunData) -> dict:
@@ -356,10 +356,6 @@ def index_markdown(runs: Dict[str, dict], figures_dir) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _clean(x):
-    from . import _jsonable
-
-    return _jsonable(x)
 
 
 __all__ = ["summaries", "tables", "markdown", "FIGURES", "index_markdown", "paper_model", "Row"]
