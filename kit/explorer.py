@@ -14,13 +14,19 @@ run is loaded once and kept. A view shows:
   its procedure (:func:`kit.groundtruth.relevant_documents`); elsewhere that column is left out.
 
 Document text is escaped so that nothing in it is taken for markup or typeset as maths (``$…$`` stays text).
+
+As an app (``make explore``: Voilà serves notebook 08), the runs come from the environment (:func:`runs_from_env`,
+``KIT_EXPLORE_RUNS``) and :func:`open_explorer` turns a missing or unscored run into one readable message.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import os
+import re
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -28,9 +34,13 @@ import pandas as pd
 from .errors import InputError
 
 KINDS = ("raw", "per_nat", "normalized")
-STYLE = ("<style>.kit-explorer td,.kit-explorer th{text-align:left;vertical-align:top;padding:2px 6px}"
-         ".kit-explorer .doc{white-space:pre-wrap;font-family:monospace;font-size:90%}"
-         ".kit-explorer .bar{display:inline-block;height:9px}</style>")
+DEFAULT_RUNS = {"small": "data/runs/lab-small", "large": "data/runs/lab-large"}  # what `make figures` builds
+ENV_RUNS = "KIT_EXPLORE_RUNS"  # the runs to explore (`make explore RUNS=...`)
+ENV_APP = "KIT_EXPLORE_APP"  # set by `make explore`: the notebook shows only the interactive view, writes nothing
+# (!important: notebook front ends, Voilà's included, right-align table cells with more specific rules)
+STYLE = ("<style>.kit-explorer td,.kit-explorer th{text-align:left !important;vertical-align:top;padding:2px 6px}"
+         ".kit-explorer .doc{white-space:pre-wrap;font-family:monospace;font-size:90%;text-align:left}"
+         ".kit-explorer .layer{white-space:nowrap}.kit-explorer .bar{display:inline-block;height:9px}</style>")
 
 
 def _text(s: str) -> str:
@@ -58,7 +68,8 @@ def layer_bars(per_layer: pd.DataFrame) -> str:
         width = int(round(80 * abs(s) / top))
         colour = "#2a9d3a" if s > 0 else "#d03030"
         short = str(name).replace("model.", "").replace("layers.", "L").replace(".mlp", "")
-        rows.append(f'<div title="{s:.4g}"><span style="display:inline-block;width:9em">{_text(short)}</span>'
+        rows.append(f'<div class="layer" title="{s:.4g}">'
+                    f'<span style="display:inline-block;width:9em">{_text(short)}</span>'
                     f'<span class="bar" style="width:{width}px;background:{colour}"></span></div>')
     return "".join(rows)
 
@@ -142,7 +153,9 @@ class Explorer:
         truth = self.relevant(model, qid, ids)
         label = {"factual": "states the fact", "arithmetic": "shows the procedure", "slope": "shows the procedure",
                  "linear": "shows the procedure"}.get(str(q.get("task", "")), "relevant")
-        head = ["", "rank", kind, "source"] + ([label] if truth is not None else []) + ["layers", "document"]
+        others = [k for k in KINDS if k != kind and k in picks.columns]  # the other score kinds, for comparison
+        head = (["", "rank", f"<u>{kind}</u>"] + others + ["source"] + ([label] if truth is not None else [])
+                + ["layers", "document"])
         rows = []
         for _, p in picks.iterrows():
             d = self.documents[model].loc[p["document"]]
@@ -151,7 +164,8 @@ class Explorer:
             if extra:
                 pl = extra["per_layer"]
                 bars = layer_bars(pl[(pl["query"] == qid) & (pl["document"] == p["document"])])
-            cells = [p["side"], str(int(p["rank"])), f"{p[kind]:.4g}", _text(d.get("source", ""))]
+            cells = ([p["side"], str(int(p["rank"])), f"<b>{p[kind]:.4g}</b>"] + [f"{p[k]:.4g}" for k in others]
+                     + [_text(d.get("source", ""))])
             if truth is not None:
                 cells.append("yes" if truth[p["document"]] else "")
             cells += [bars, f'<div class="doc">{text}</div>']
@@ -159,7 +173,8 @@ class Explorer:
         correct = q.get("correct")
         status = "" if correct is None or (isinstance(correct, float) and np.isnan(correct)) else \
             f", {'correct' if bool(correct) else 'wrong'}"
-        note = (f"Top and bottom {n} of {len(self.documents[model]):,} documents by {kind} score. "
+        note = (f"Top and bottom {n} of {len(self.documents[model]):,} documents by {kind} score (the other score "
+                f"kinds beside it). "
                 + ("Every shown document's tokens are highlighted by their share of its raw score (green raises "
                    "the completion's probability, red lowers it; hover for the value); the bars split the score "
                    "by layer." if extra else "No token highlighting (detail off)."))
@@ -167,3 +182,56 @@ class Explorer:
                 f'{status})</h4><p><b>prompt</b> <span class="doc">{_text(q["prompt"])}</span><br><b>completion</b> '
                 f'<span class="doc">{_text(q["completion"])}</span></p><p><i>{note}</i></p><table><tr>'
                 + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table></div>")
+
+
+class SetupError(InputError):
+    """An explorer that cannot start, shown as its message alone: Jupyter, Voilà and papermill print no traceback."""
+
+    def _render_traceback_(self) -> List[str]:  # IPython shows these lines instead of a traceback
+        return [f"\033[1;31m{self}\033[0m"]
+
+
+def runs_from_env(default: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The runs to explore: ``KIT_EXPLORE_RUNS`` when set and not empty, else ``default``.
+
+    It is a JSON object ``{"name": "run dir", ...}``, or run directories separated by spaces or commas, each either
+    ``name=dir`` or a bare ``dir`` (named after its last path component)."""
+    value = (os.environ if environ is None else environ).get(ENV_RUNS, "").strip()
+    if not value:
+        return dict(default)
+    if value.startswith("{"):
+        try:
+            runs = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SetupError(f"{ENV_RUNS} is not valid JSON ({e}): {value!r}; write e.g. "
+                             '{"small": "data/runs/lab-small"} or just data/runs/lab-small') from None
+        if not isinstance(runs, dict) or not all(isinstance(v, str) for v in runs.values()):
+            raise SetupError(f'{ENV_RUNS} must map names to run directories, e.g. {{"small": "data/runs/lab-small"}}')
+        return {str(k): v for k, v in runs.items()}
+    runs = {}
+    for item in re.split(r"[\s,]+", value):
+        name, _, path = item.rpartition("=")
+        runs[name or Path(path).name] = path
+    return runs
+
+
+def app_mode(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether the notebook runs as the app (``make explore`` sets ``KIT_EXPLORE_APP=1``)."""
+    return (os.environ if environ is None else environ).get(ENV_APP, "") not in ("", "0")
+
+
+def open_explorer(runs: Mapping[str, Union[str, Path]]) -> Explorer:
+    """:class:`Explorer` over ``runs``, or one :class:`SetupError` that says what to run when a run is missing."""
+    how = ("point the explorer at scored runs of your own: make explore RUNS='{\"name\": \"path/to/run\"}' "
+           f"(or set {ENV_RUNS})")
+    missing = [str(p) for p in runs.values() if not (Path(p) / "config.json").exists()]
+    if missing:
+        default = {k: str(v) for k, v in runs.items()} == DEFAULT_RUNS
+        first = ("run `make figures` first (it builds them), or " if default
+                 else "fit and score them (`python -m kit fit`, `python -m kit score`), or ")
+        raise SetupError(f"No scored run at {', '.join(missing)}: {first}{how}.")
+    try:
+        return Explorer(dict(runs))
+    except (InputError, FileNotFoundError) as e:
+        raise SetupError(f"The explorer cannot read its runs: {e}. Score them (`python -m kit score`), or {how}.") \
+            from None

@@ -178,8 +178,10 @@ def main(preset: str = "lab", data_dir: str = "data", figures_dir: str = "figure
     t_prep = time.time() - t0
     figs.mkdir(parents=True, exist_ok=True)
     fj = figs / "findings.json"
-    fj.unlink(missing_ok=True)  # every key is rewritten by this run's notebooks
-    FD.merge(fj, {"preset": {"name": preset, **asdict(p)}, "runs": ctx["runs"], "world": ctx["world"],
+    # every key is rewritten by this run's notebooks, except `make validate`'s (notebook 09), which is kept
+    kept = {k: v for k, v in (json.loads(fj.read_text()) if fj.exists() else {}).items() if k == "validation"}
+    fj.unlink(missing_ok=True)
+    FD.merge(fj, {**kept, "preset": {"name": preset, **asdict(p)}, "runs": ctx["runs"], "world": ctx["world"],
                   "timings": ctx["timings"], "config_hash": config_hash(p, ctx["runs"]),
                   "dropped_queries": ctx["dropped_queries"]})
     run_notebooks(ctx, figs, preset, findings_json=fj, extra=notebook_params)
@@ -197,9 +199,35 @@ def main(preset: str = "lab", data_dir: str = "data", figures_dir: str = "figure
     return 0
 
 
-def export_html(executed_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] = None) -> List[Path]:
+# Notebooks that need no world or runs (a tiny model built in the notebook): `make html` executes them itself
+STANDALONE = ["00_ekfac_step_by_step.ipynb"]
+
+
+def execute_standalone(executed_dir: Union[str, Path], notebooks: List[str] = STANDALONE) -> List[Path]:
+    """Execute each standalone notebook into ``executed_dir`` (papermill, from the repository root) when its
+    executed copy is missing or older than the notebook; returns the notebooks executed."""
+    import papermill as pm
+
+    executed_dir = Path(executed_dir)
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for nb in notebooks:
+        source, target = ROOT / "notebooks" / nb, executed_dir / nb
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        print(f"[kit] executing notebooks/{nb} → {target}", flush=True)
+        pm.execute_notebook(str(source), str(target), cwd=str(ROOT), progress_bar=False)
+        done.append(target)
+    return done
+
+
+def export_html(executed_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] = None,
+                standalone: bool = True) -> List[Path]:
     """``make html``: every executed notebook as one standalone HTML file, readable offline without Python.
 
+    The :data:`STANDALONE` notebooks (no world needed) are executed into ``executed_dir`` first when their
+    executed copy is missing or older than the notebook (``standalone=False``: not), so they are part of it
+    without ``make figures``.
     nbconvert's ``lab`` template with the figures embedded; every ``<script>`` is left out (MathJax, require.js
     and mermaid would load from a CDN, and nothing in these notebooks needs them to be read), so the files open
     with no network. Returns the files written (``<notebook>.html`` beside the notebooks unless ``out_dir``)."""
@@ -209,6 +237,8 @@ def export_html(executed_dir: Union[str, Path], out_dir: Optional[Union[str, Pat
     from nbconvert import HTMLExporter
 
     executed_dir = Path(executed_dir)
+    if standalone:
+        execute_standalone(executed_dir)
     notebooks = sorted(executed_dir.glob("*.ipynb"))
     if not notebooks:
         raise InputError(f"no executed notebooks in {executed_dir}: run `make figures` first")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kit.figures import NOTEBOOKS, PRESETS, ROOT, config_hash, prepare, run_notebooks
+from kit.figures import NOTEBOOKS, PRESETS, ROOT, config_hash, run_notebooks
 
 FIGURES = {
     "01_world_and_queries.ipynb": ["world_corpus_composition", "world_accuracy_by_task"],
@@ -27,11 +27,6 @@ FIGURES = {
 }
 KEYS = ["F0_world", "F0_fit", "F1_correlations", "F2_magnitude", "F3_answers", "F4_procedures", "F5_sources",
         "F0_explorer"]
-
-
-@pytest.fixture(scope="module")
-def smoke_ctx(tmp_path_factory):
-    return prepare(PRESETS["smoke"], tmp_path_factory.mktemp("data"), progress=False)
 
 
 def test_notebooks_are_committed_clean():
@@ -99,7 +94,7 @@ def test_notebooks_execute_write_figures_and_findings(smoke_ctx, tmp_path):
     # make html: each executed notebook readable offline, figures embedded, nothing fetched from a network
     from kit.figures import export_html
 
-    pages = export_html(tmp_path / "executed")
+    pages = export_html(tmp_path / "executed", standalone=False)  # notebook 00's page: tests/test_notebook_00.py
     assert [p.stem for p in pages] == [nb.split(".")[0] for nb in NOTEBOOKS]
     for page, nb in zip(pages, NOTEBOOKS):
         text = page.read_text()
