@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-docs", type=int, help="factual queries only about facts this many documents state")
     _findings_args(g)
 
+    v = sub.add_parser("validate", add_help=False, help="does EK-FAC find the documents that matter? counterfactual "
+                       "retraining, LDS and ground-truth recall on the micro lab setting, then notebook 09 "
+                       "(`kit validate --help` for its options)")
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+
     h = sub.add_parser("html", help="every executed notebook (figures/executed) as standalone offline HTML")
     h.add_argument("--figures-dir", default="figures")
 
@@ -177,13 +182,16 @@ def _findings_config(args):
     if given.get("n_boot", 1) < 1:
         raise InputError("--n-boot must be at least 1")
     return FindingsConfig(**given), given
-    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun … -m kit -- score …`: everything after -- is ours
         argv = argv[1:]
+    if argv[:1] == ["validate"]:  # its own parser (kit/validate.py), options passed through untouched
+        from .validate import main as validate_main
+
+        return validate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "nproc", 1) != 1 and args.cmd != "plan":

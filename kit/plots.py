@@ -946,3 +946,117 @@ def _share_over_k_axes(ax, D: int, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, loc="lower right")
+
+
+# =====================================================================================================================
+# Validation (notebook 09, `make validate`): does EK-FAC find the documents that matter?
+# =====================================================================================================================
+
+METHOD_COLORS = {"ekfac": "#c44e52", "ekfac_per_nat": "#e17c7f", "ekfac_normalized": "#8c2d30", "kfac": "#dd8452",
+                 "grad_dot": "#4c72b0", "grad_cosine": "#64b5cd", "bm25": "#55a868", "repsim": "#8172b3",
+                 "random": "#937860"}
+
+
+def validation_loss_change(results: list, noise_floor: Optional[dict] = None):
+    """Per query group: the queries' mean Δ log p (retrained − base, nats) after removing each method's top-k, one
+    cluster per k, with 95 % bootstrap CIs over queries; the grey box spans the random null draws' group means at
+    that k, the dotted lines the noise floor (mean ± sd of Δ log p over seed retrains with nothing removed)."""
+    df = pd.DataFrame(results)
+    groups = list(dict.fromkeys(df["group"])) if len(df) else []
+    methods = list(dict.fromkeys(df["method"])) if len(df) else []
+    ncols = min(2, max(len(groups), 1))
+    nrows = -(-max(len(groups), 1) // ncols)
+    width = min(7.5, max(3.2, 0.35 * len(methods) * max(df["k"].nunique(), 1) + 1.2)) if len(df) else 4.0
+    fig, axes = _panels(ncols, width=width, height=3.8, nrows=nrows)
+    axes = axes.ravel()
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    if not groups:
+        axes[0].set_visible(True)
+        _empty(axes[0], "no removal results")
+        return fig
+    w = 0.8 / max(len(methods), 1)
+    for ax, g in zip(axes, groups):
+        part = df[df["group"] == g]
+        ks = sorted(part["k"].unique())
+        for i, k in enumerate(ks):
+            at = part[part["k"] == k]
+            draws = at["null_draws"].iloc[0]
+            if draws:
+                ax.add_patch(plt.Rectangle((i - 0.45, min(draws)), 0.9, max(max(draws) - min(draws), 1e-3),
+                                           color="0.82", zorder=0, label="random null (draws)" if i == 0 else None))
+            for j, m in enumerate(methods):
+                r = at[at["method"] == m]
+                if not len(r):
+                    continue
+                y, lo, hi = (float(r[c].iloc[0]) for c in ("delta_logp", "delta_logp_lo", "delta_logp_hi"))
+                ax.errorbar(i - 0.4 + w * (j + 0.5), y, yerr=[[y - lo], [hi - y]], fmt="o", ms=3.5, capsize=2,
+                            lw=1, color=METHOD_COLORS.get(m), label=m if i == 0 else None)
+        nf = (noise_floor or {}).get(g)
+        if nf:
+            for y in (nf["mean"] - nf["sd"], nf["mean"] + nf["sd"]):
+                ax.axhline(y, color="0.4", ls=":", lw=0.8)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(range(len(ks)), [f"k={k}\n{int(part[part['k'] == k]['n_removed'].iloc[0])} removed" for k in ks],
+                      fontsize=8)
+        ax.set_xlim(-0.5, len(ks) - 0.5)
+        ax.set_ylabel("Δ log p of the group's completions (nats)")
+        ax.set_title(f"{g} ({int(part['n_queries'].iloc[0])} queries)", fontsize=9)
+    axes[0].legend(fontsize=6, loc="best")
+    _suptitle(fig, "Remove each method's top-k, retrain, measure: lower = the removed documents mattered more "
+                   "(grey: random removals; dotted: noise floor, mean ± sd over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def validation_lds(lds: Optional[dict]):
+    """LDS (mean per-query Spearman between predicted and measured Δ log p over random halves) per method with
+    its 95 % bootstrap CI; the band is the cross-seed agreement (the halves' measured changes under seed + 1 as the
+    prediction of seed 0's: how much of the effect belongs to the documents rather than the training run)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    if not lds or not lds.get("methods"):
+        _empty(ax, "no LDS in this validation run")
+        return fig
+    rows = [(m, v) for m, v in lds["methods"].items() if v.get("lds") is not None]
+    for i, (m, v) in enumerate(rows):
+        ax.errorbar(i, v["lds"], yerr=[[v["lds"] - v["lds_lo"]], [v["lds_hi"] - v["lds"]]], fmt="o", capsize=3,
+                    color=METHOD_COLORS.get(m))
+    c = lds.get("cross_seed")
+    if c and c.get("lds") is not None:
+        ax.axhspan(c["lds_lo"], c["lds_hi"], color="0.85", zorder=0, label=f"cross-seed agreement: {c['lds']:+.2f}")
+        ax.legend(fontsize=7, loc="upper right")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(range(len(rows)), [m for m, _ in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("LDS (Spearman, mean over queries)")
+    ax.set_title(f"Linear datamodeling score over {lds['subsets']} random halves "
+                 f"({lds['removed_per_subset']} documents removed each)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def validation_recall(recall: list):
+    """Per query group: recall@k of the ground-truth documents (stating the queried fact / demonstrating the
+    task's procedure) per method, with 95 % bootstrap CIs."""
+    df = pd.DataFrame(recall)
+    groups = list(dict.fromkeys(df["group"])) if len(df) else []
+    fig, axes = _panels(max(len(groups), 1), width=4.0, height=3.6)
+    axes = axes.ravel()
+    if not groups:
+        _empty(axes[0], "no query with ground truth")
+        return fig
+    for ax, g in zip(axes, groups):
+        part = df[df["group"] == g]
+        for m, mp in part.groupby("method", sort=False):
+            mp = mp.sort_values("k")
+            ax.plot(mp["k"], mp["recall"], marker="o", ms=3, lw=1, color=METHOD_COLORS.get(m), label=m)
+            ax.fill_between(mp["k"], mp["recall_lo"], mp["recall_hi"], color=METHOD_COLORS.get(m), alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("k (log)")
+        ax.set_ylabel("recall@k of ground-truth documents")
+        ax.set_title(f"{g} ({int(part['n_queries'].iloc[0])} queries)", fontsize=9)
+    axes[0].legend(fontsize=6, loc="upper left")
+    _suptitle(fig, "Ground truth the corpus knows: how many of the documents a query is about each method ranks "
+                   "in its top k")
+    fig.tight_layout()
+    return fig

@@ -1,7 +1,15 @@
-"""``python -m kit.validate``: counterfactual retraining of a ``micro`` lab model (issue 13 items 2–3, first version).
+"""``python -m kit validate`` (``make validate``): does EK-FAC find the documents that matter?
 
-Does removing the documents an attribution method ranks highest for a group of queries lower those queries'
-log-likelihood more than removing as many random documents? (Koh & Liang's check; Ruis et al. A.1.)
+Counterfactual retraining of a ``micro`` lab model, the linear datamodeling score and ground-truth recall, for
+every attribution method of :mod:`kit.attribution`; then notebook 09 draws the figures and writes the numbers to
+``figures/findings.json`` (``validation``) and ``findings.md``. Does removing the documents a method ranks highest
+for a group of queries lower those queries' log-likelihood more than removing as many random documents, and more
+than removing another method's top documents? (Koh & Liang's check; Ruis et al. A.1.)
+
+**Why the micro model.** Every retrain must take seconds for the whole sweep (about 115 retrains with the
+defaults) to fit ``make validate``'s 30-minute budget on 2 CPU cores: the ``small`` lab model on the full corpus
+trains in minutes, the ``micro`` model on a 2,000-document sample in about 13 s. The price: a model this small
+answers the question templates with junk, hence the true-answer completions below.
 
 **The micro world** (:func:`micro_world`). A seeded sample of ``n_docs`` (default 2,000) documents of the lab
 corpus (``WORLD/corpus.parquet``, built with :mod:`kit.lab` if absent), kept in corpus order; a byte-level BPE
@@ -59,6 +67,11 @@ does not see the run-to-run spread of a removal, which the few null draws show; 
 a rank test at 1/4, no more.) ``noise_floor`` per group: mean, sd and mean |Δ| of the per-query
 ``delta_logp`` over the seed retrains. The tidy per-query table is ``WORK/results.parquet`` (and ``.csv``).
 
+**Head to head** (``summary["versus"]``, :func:`versus`): per k × group, each method against EK-FAC on the same
+queries, the paired per-query difference of ``delta_logp`` with its bootstrap CI (the removal sets have the same
+size). **Ground truth** (``summary["recall"]``, :func:`recall`): precision/recall at k of the documents stating the
+queried fact / demonstrating the task's procedure, on the base model's scores (:mod:`kit.groundtruth`).
+
 **LDS** (Park et al. 2023, simplest form; ``summary["lds"]``): ``lds_subsets`` (default 8) random halves of the
 corpus are removed (``D // 2`` documents each, seeded), each retrained the same way (same seed and order). Sign
 convention: the kit's influence ``∇L_qᵀ H⁻¹ ∇L_z`` is positive when training on ``z`` lowers the query's loss,
@@ -67,7 +80,13 @@ positive scale, which a rank correlation ignores). Per query, the Spearman corre
 that prediction and the measured ``Δ log p`` (retrained − base); the LDS is its mean over queries (queries whose
 prediction or measurement is constant are left out), with a 95 % bootstrap CI over queries. The same sum is
 applied to every method (for the non-gradient ones it is only a heuristic). The retraining noise floor to read
-it against is ``noise_floor`` (a seed change), since a half-corpus removal is the same run minus tokens.
+it against is ``noise_floor`` (a seed change), since a half-corpus removal is the same run minus tokens. The
+**cross-seed agreement** (``lds_cross_seed``, ``summary["lds"]["cross_seed"]``): the same halves retrained under
+seed + 1 (new initialisation and data order), and the LDS that *those* measured changes reach as a prediction of
+the seed-0 ones. It says how much of a half's effect belongs to the documents rather than to the training run:
+near 1, any run's response would do; near 0, the response is specific to the run, and an attribution of the
+seed-0 model can only be judged against that run's own retrainings (which is what the LDS above does). Each
+method is compared with EK-FAC by the paired bootstrap of the per-query Spearman.
 """
 
 from __future__ import annotations
@@ -75,6 +94,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -83,8 +103,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-DEFAULT_METHODS = ("ekfac", "grad_dot", "grad_cosine", "bm25", "repsim", "random")
-ADDITIVE = ("ekfac", "kfac", "grad_dot")  # chunked documents: pieces summed (else max)
+DEFAULT_METHODS = ("ekfac", "ekfac_per_nat", "ekfac_normalized", "kfac", "grad_dot", "grad_cosine", "bm25", "repsim",
+                   "random")
+ADDITIVE = ("ekfac", "ekfac_per_nat", "kfac", "grad_dot")  # chunked documents: pieces summed (else max)
 SUMMARY_KEYS = ("method", "k", "group", "n_queries", "n_removed", "delta_logp", "delta_logp_lo", "delta_logp_hi",
                 "delta_acc", "null_delta_logp", "null_delta_logp_lo", "null_delta_logp_hi", "null_draws", "diff",
                 "diff_lo", "diff_hi", "verdict")
@@ -113,6 +134,8 @@ class ValidateConfig:
     completions: str = field(default="answer", metadata={"help": "answer: ' ' + true answer; model: greedy"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples over queries"})
     lds_subsets: int = field(default=8, metadata={"help": "random halves for the LDS (0: no LDS)"})
+    lds_cross_seed: bool = field(default=True, metadata={
+        "help": "retrain the halves under seed + 1 too: how far one training run's response predicts another's"})
 
 
 QUICK = dict(n_docs=800, methods=("ekfac", "bm25", "random"), fractions=(0.01,), null_seeds=2, noise_seeds=1,
@@ -396,8 +419,36 @@ def summarise(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
     return {"results": results, "noise_floor": noise}
 
 
+def versus(table: pd.DataFrame, reference: str = "ekfac", n_boot: int = 1000, seed: int = 0) -> List[dict]:
+    """Head to head: per k × group and each other method, the paired per-query difference of ``delta_logp``,
+    ``reference − method`` (negative: removing the reference's top-k hurt the queries more), its mean with a 95 %
+    bootstrap CI over queries, and a verdict: ``"EK-FAC's removal hurts more"`` when the CI lies below 0,
+    ``"<method>'s removal hurts more"`` when above, ``"no difference"`` when it covers 0. Both removal sets have
+    the same size (round-robin, module docstring), so the comparison is like for like."""
+    meth = table[table["kind"] == "method"]
+    label = "EK-FAC" if reference == "ekfac" else reference
+    out = []
+    for (k, g), part in meth.groupby(["k", "group"], sort=False):
+        wide = part.pivot_table(index="query", columns="method", values="delta_logp", aggfunc="first")
+        if reference not in wide.columns:
+            continue
+        n = len(wide)
+        idx = np.random.default_rng([seed, int(k), n, 3]).integers(0, n, size=(n_boot, n))
+        for method in wide.columns:
+            if method == reference:
+                continue
+            diff = (wide[reference] - wide[method]).to_numpy(dtype=np.float64)
+            lo, hi = _ci(diff, idx)
+            verdict = ("too few queries" if n < 2 else f"{label}'s removal hurts more" if hi < 0
+                       else f"{method}'s removal hurts more" if lo > 0 else "no difference")
+            out.append({"reference": reference, "method": method, "k": int(k), "group": g, "n_queries": n,
+                        "diff": float(diff.mean()), "diff_lo": lo, "diff_hi": hi, "verdict": verdict})
+    return out
+
+
 def lds(texts: Sequence[str], tokenizer, pcfg, queries: pd.DataFrame, scores: Dict[str, np.ndarray], cache_dir,
-        subsets: int = 8, n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict:
+        subsets: int = 8, n_boot: int = 1000, seed: int = 0, progress: bool = True, cross_seed: bool = True,
+        reference: str = "ekfac") -> dict:
     """The linear datamodeling score (Park et al. 2023) over ``subsets`` random halves (see module docstring)."""
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
@@ -417,20 +468,63 @@ def lds(texts: Sequence[str], tokenizer, pcfg, queries: pd.DataFrame, scores: Di
         masks.append(mask)
         measured.append(completion_logprob(model, tokenizer, prompts, comps) - lp0)
     M, Y = np.stack(masks).astype(np.float64), np.stack(measured)  # (subsets, D), (subsets, Q)
-    out = {"subsets": subsets, "removed_per_subset": D // 2, "methods": {}}
+    out = {"subsets": subsets, "removed_per_subset": D // 2, "methods": {}, "versus": [], "cross_seed": None}
     idx = np.random.default_rng([seed, 8]).integers(0, Q, size=(n_boot, Q))
+
+    def per_query_rho(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+        return np.array([spearmanr(pred[:, q], target[:, q])[0] if np.ptp(pred[:, q]) > 0 and np.ptp(target[:, q]) > 0
+                         else np.nan for q in range(Q)])
+
+    def mean_ci(rho: np.ndarray) -> dict:
+        ok = np.isfinite(rho)
+        boots = np.nanmean(np.where(ok, rho, np.nan)[idx], axis=1) if ok.any() else np.array([np.nan])
+        return {"lds": float(np.nanmean(rho)) if ok.any() else None,
+                "lds_lo": float(np.nanpercentile(boots, 2.5)) if ok.any() else None,
+                "lds_hi": float(np.nanpercentile(boots, 97.5)) if ok.any() else None, "n_queries": int(ok.sum())}
+
+    rhos = {}
     for method, S in scores.items():
         S = np.where(np.isfinite(S), S, 0.0)
         pred = -(M @ S.T)  # predicted Δ log p: minus the removed documents' summed influence
-        rho = np.array([spearmanr(pred[:, q], Y[:, q])[0] if np.ptp(pred[:, q]) > 0 and np.ptp(Y[:, q]) > 0
-                        else np.nan for q in range(Q)])
-        ok = np.isfinite(rho)
-        boots = np.nanmean(np.where(ok, rho, np.nan)[idx], axis=1) if ok.any() else np.array([np.nan])
-        out["methods"][method] = {"lds": float(np.nanmean(rho)) if ok.any() else None,
-                                  "lds_lo": float(np.nanpercentile(boots, 2.5)) if ok.any() else None,
-                                  "lds_hi": float(np.nanpercentile(boots, 97.5)) if ok.any() else None,
-                                  "n_queries": int(ok.sum())}
+        rhos[method] = per_query_rho(pred, Y)
+        out["methods"][method] = mean_ci(rhos[method])
+    if reference in rhos:  # paired: the same queries, the same resamples
+        label = "EK-FAC" if reference == "ekfac" else reference
+        for method, rho in rhos.items():
+            if method == reference:
+                continue
+            diff = rhos[reference] - rho
+            ok = np.isfinite(diff)
+            if ok.sum() < 2:
+                continue
+            boots = np.nanmean(np.where(ok, diff, np.nan)[idx], axis=1)
+            lo, hi = float(np.nanpercentile(boots, 2.5)), float(np.nanpercentile(boots, 97.5))
+            out["versus"].append({"reference": reference, "method": method, "diff": float(np.nanmean(diff)),
+                                  "diff_lo": lo, "diff_hi": hi, "n_queries": int(ok.sum()),
+                                  "verdict": f"{label} higher" if lo > 0 else f"{method} higher" if hi < 0
+                                  else "no difference"})
+    if cross_seed:
+        # the same halves retrained under the next seed (new initialisation and order): how far one training run's
+        # measured response predicts another's (module docstring)
+        other = replace(pcfg, seed=pcfg.seed + 1)
+        lp1 = completion_logprob(retrain(texts, tokenizer, other, (), cache_dir=cache_dir), tokenizer, prompts, comps)
+        Y1 = np.stack([completion_logprob(retrain(texts, tokenizer, other, np.flatnonzero(mask).tolist(),
+                                                  cache_dir=cache_dir), tokenizer, prompts, comps) - lp1
+                       for mask in tqdm(masks, desc="validate: LDS halves under seed + 1", disable=not progress)])
+        out["cross_seed"] = mean_ci(per_query_rho(Y1, Y))
     return out
+
+
+def recall(scores: Dict[str, np.ndarray], queries: pd.DataFrame, docs: pd.DataFrame, n_boot: int = 1000,
+           ks: Sequence[int] = (1, 5, 10, 50, 100)) -> List[dict]:
+    """Ground truth at no retraining cost (:func:`kit.groundtruth.compare_methods` on the base model's scores):
+    per method × group × k, precision and recall of the documents that state the query's fact / demonstrate its
+    procedure, each method against EK-FAC on the same queries. Records (JSON-ready)."""
+    from .groundtruth import compare_methods
+
+    table = compare_methods({m: np.where(np.isfinite(S), S, -np.inf) for m, S in scores.items()}, queries, docs,
+                            ks=ks, n_boot=n_boot)
+    return json.loads(table.to_json(orient="records"))
 
 
 def run(cfg: ValidateConfig, progress: bool = True) -> dict:
@@ -450,16 +544,141 @@ def run(cfg: ValidateConfig, progress: bool = True) -> dict:
                "n_documents": len(docs), "n_queries": len(queries), "ks": ks,
                "retrains": int(table["retrain_key"].nunique()), "cached": int(table.drop_duplicates("retrain_key")
                                                                               ["cached"].sum()),
-               **summarise(table, cfg.n_boot), "seconds": None}
+               **summarise(table, cfg.n_boot), "versus": versus(table, n_boot=cfg.n_boot),
+               "recall": recall(scores, queries, docs, cfg.n_boot), "seconds": None}
     summary["lds"] = (lds(list(docs["text"]), w["tokenizer"], w["pretrain"], queries, scores, work / "retrains",
-                          cfg.lds_subsets, cfg.n_boot, cfg.sample_seed, progress) if cfg.lds_subsets > 1 else None)
+                          cfg.lds_subsets, cfg.n_boot, cfg.sample_seed, progress, cfg.lds_cross_seed)
+                      if cfg.lds_subsets > 1 else None)
     summary["seconds"] = round(time.time() - t0, 1)
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Reading the results (notebook 09, findings.json's ``validation``, findings.md)
+# --------------------------------------------------------------------------------------------------------------
+
+LABEL = {"ekfac": "EK-FAC", "ekfac_per_nat": "EK-FAC per nat", "ekfac_normalized": "EK-FAC normalised",
+         "kfac": "KFAC", "grad_dot": "gradient dot", "grad_cosine": "gradient cosine", "bm25": "BM25",
+         "repsim": "representation similarity", "random": "random"}
+
+
+def load(work_dir) -> tuple:
+    """``(summary, table)`` of a finished ``kit validate`` run in ``work_dir``; one clear error if there is none."""
+    from .errors import InputError
+
+    work = Path(work_dir)
+    if not (work / "summary.json").exists() or not (work / "results.parquet").exists():
+        raise InputError(f"{work} holds no finished validation (summary.json, results.parquet): run `make validate` "
+                         "(or `python -m kit validate --work-dir " + str(work) + "`) first")
+    return json.loads((work / "summary.json").read_text()), pd.read_parquet(work / "results.parquet")
+
+
+def config_tag(summary: dict) -> str:
+    """A short hash of a validation's configuration (stamped on its figures)."""
+    return _sha(summary.get("config", {}))[:12]
+
+
+def _tally(verdicts: Sequence[str], label: str, method: str) -> dict:
+    return {"wins": sum(v.startswith(label) for v in verdicts), "losses": sum(v.startswith(method) for v in verdicts),
+            "ties": sum(v.startswith("no difference") for v in verdicts), "cells": len(verdicts)}
+
+
+def findings(summary: dict, recall_k: int = 10) -> dict:
+    """The ``validation`` entry of ``findings.json``: the setting, each method against the random null and
+    head to head against EK-FAC (removal, LDS, recall@``recall_k``), and one verdict per baseline.
+
+    A baseline's verdict counts, over the three measures' cells (removal: every k × group; LDS: one; recall: every
+    group at ``recall_k``), where EK-FAC's CI is better (*wins*), worse (*losses*) or covers the baseline's
+    (*ties*): ``"EK-FAC better"`` with wins and no losses, ``"baseline better"`` with losses and no wins,
+    ``"mixed"`` with both, ``"indistinguishable"`` with neither."""
+    cfg = summary.get("config", {})
+    out = {"setting": {"model": cfg.get("size"), "n_documents": summary.get("n_documents"),
+                       "n_queries": summary.get("n_queries"), "ks": summary.get("ks"),
+                       "retrains": summary.get("retrains"), "null_seeds": cfg.get("null_seeds"),
+                       "noise_seeds": cfg.get("noise_seeds"), "lds_subsets": cfg.get("lds_subsets"),
+                       "completions": cfg.get("completions"), "seconds": summary.get("seconds")},
+           "removal": summary.get("results", []), "noise_floor": summary.get("noise_floor", {}),
+           "versus": summary.get("versus", []), "lds": summary.get("lds"),
+           "recall_at_k": [r for r in summary.get("recall", []) if r["k"] == recall_k], "recall_k": recall_k,
+           "baselines": {}}
+    methods = [r["method"] for r in out["removal"]] + list(((out["lds"] or {}).get("methods") or {}))
+    for method in dict.fromkeys(m for m in methods if m != "ekfac"):
+        name = LABEL.get(method, method)
+        rem = [v["verdict"] for v in out["versus"] if v["method"] == method]
+        rem = ["EK-FAC" if v.startswith("EK-FAC") else method if v.startswith(method) else v for v in rem]
+        lds_v = [v["verdict"] for v in (out["lds"] or {}).get("versus", []) if v["method"] == method]
+        rec = [r["verdict"].replace(" at this k", "") for r in out["recall_at_k"] if r["method"] == method]
+        rec = ["EK-FAC" if v == "EK-FAC better" else method if v == "EK-FAC worse" else v for v in rec]
+        lds_v = ["EK-FAC" if v.startswith("EK-FAC") else method if v.startswith(method) else v for v in lds_v]
+        t = {"removal": _tally(rem, "EK-FAC", method), "lds": _tally(lds_v, "EK-FAC", method),
+             "recall": _tally(rec, "EK-FAC", method)}
+        wins, losses = sum(x["wins"] for x in t.values()), sum(x["losses"] for x in t.values())
+        verdict = ("EK-FAC better" if wins and not losses else "baseline better" if losses and not wins
+                   else "mixed" if wins else "indistinguishable")
+        parts = [f"removal {t['removal']['wins']}/{t['removal']['losses']}/{t['removal']['ties']}",
+                 f"LDS {t['lds']['wins']}/{t['lds']['losses']}/{t['lds']['ties']}",
+                 f"recall@{recall_k} {t['recall']['wins']}/{t['recall']['losses']}/{t['recall']['ties']}"]
+        out["baselines"][method] = {**t, "verdict": verdict,
+                                    "text": f"against {name}: {verdict} (EK-FAC wins/losses/ties: {', '.join(parts)})"}
+    null = {}
+    for r in out["removal"]:
+        null.setdefault(r["method"], []).append(r["verdict"])
+    out["against_null"] = {m: {"beats_random": sum(v == "drop exceeds random" for v in vs), "cells": len(vs)}
+                           for m, vs in null.items()}
+    return out
+
+
+def markdown(v: dict) -> List[str]:
+    """``findings.md``'s validation section from :func:`findings`'s dict."""
+    s = v.get("setting", {})
+    lines = [f"Setting: the `{s.get('model')}` lab model retrained on {s.get('n_documents')} lab documents, "
+             f"{s.get('n_queries')} queries, k = {s.get('ks')} documents per query; {s.get('retrains')} removal "
+             f"retrains ({s.get('null_seeds')} random null draws per cell, {s.get('noise_seeds')} noise seeds) and "
+             f"{s.get('lds_subsets')} LDS halves; {s.get('seconds')} s in all. Completions: "
+             f"{s.get('completions')} (`answer`: the world's true answer). Removal: a method's top-k of each query "
+             "group removed, the model retrained with the same seed and order; *beats random* = the drop in "
+             "log-likelihood exceeds the random null's (CI and every draw).", "",
+             "| method | removal beats random (cells) | LDS [95 % CI] | vs EK-FAC |", "|---|---|---|---|"]
+    lds_m = (v.get("lds") or {}).get("methods", {})
+    for m, a in v.get("against_null", {}).items():
+        L = lds_m.get(m) or {}
+        lds_txt = (f"{L['lds']:+.3f} [{L['lds_lo']:+.3f}, {L['lds_hi']:+.3f}]" if L.get("lds") is not None else "–")
+        b = v.get("baselines", {}).get(m, {})
+        lines.append(f"| {LABEL.get(m, m)} | {a['beats_random']} of {a['cells']} | {lds_txt} | "
+                     f"{b.get('verdict', 'reference')} |")
+    c = (v.get("lds") or {}).get("cross_seed")
+    if c and c.get("lds") is not None:
+        lines += ["", f"Cross-seed agreement (the same halves retrained under seed + 1, their measured changes as the "
+                  f"prediction of seed 0's): {c['lds']:+.3f} [{c['lds_lo']:+.3f}, {c['lds_hi']:+.3f}] — how much of "
+                  "a removal's effect belongs to the documents rather than to the training run."]
+    if "random" in v.get("against_null", {}):
+        r = v["against_null"]["random"]
+        lines += ["", f"Calibration: the `random` method itself passes the test against the random null in "
+                  f"{r['beats_random']} of {r['cells']} cells (with {s.get('null_seeds')} null draws per cell); read "
+                  "the other methods' counts against that."]
+    lines += [""] + [f"- {b['text']}" for b in v.get("baselines", {}).values()]
+    what = {"removal": "removal (EK-FAC's top-k hurt the queries more, paired CI over queries, per k × group)",
+            "lds": "LDS (EK-FAC's higher, paired CI)", "recall": f"recall@{v.get('recall_k', 10)} of ground-truth "
+            "documents (paired CI, per group)"}
+    lines += ["", "By measure, where one side wins more cells than the other (wins/losses/ties):"]
+    for measure, title in what.items():
+        ahead, behind = [], []
+        for m, b in v.get("baselines", {}).items():
+            t = b[measure]
+            cell = f"{LABEL.get(m, m)} ({t['wins']}/{t['losses']}/{t['ties']})"
+            (ahead if t["wins"] > t["losses"] else behind if t["losses"] > t["wins"] else []).append(cell)
+        lines.append(f"- {title}: EK-FAC ahead of {', '.join(ahead) or 'none'}; behind {', '.join(behind) or 'none'}")
+    beaten = [LABEL.get(m, m) for m, b in v.get("baselines", {}).items() if b["verdict"] == "baseline better"]
+    better = [LABEL.get(m, m) for m, b in v.get("baselines", {}).items() if b["verdict"] == "EK-FAC better"]
+    lines += ["", "On this world EK-FAC is better than " + (", ".join(better) or "no baseline") + "; "
+              + (", ".join(beaten) + (" is" if len(beaten) == 1 else " are") if beaten else "no baseline is")
+              + " better than EK-FAC; the rest are mixed or indistinguishable at these sizes."]
+    return lines
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kit.validate", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m kit validate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = ValidateConfig()
     p.add_argument("--work-dir", default=d.work_dir)
@@ -469,10 +688,14 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", default=None, help="comma-separated k as corpus fractions; default 0.005,0.02")
     p.add_argument("--null-seeds", type=int, default=None, help=f"default {d.null_seeds}")
     p.add_argument("--noise-seeds", type=int, default=None, help=f"default {d.noise_seeds}")
+    p.add_argument("--size", default=None, help=f"kit.lab.pretrain.SIZES entry retrained; default {d.size}")
     p.add_argument("--fisher", default=d.fisher)
     p.add_argument("--lds", type=int, default=None, help=f"LDS random halves (0: none); default {d.lds_subsets}")
     p.add_argument("--no-accuracy", action="store_true", help="skip greedy accuracy (no generation)")
     p.add_argument("--quick", action="store_true", help="a few-minute preset: " + json.dumps(QUICK))
+    p.add_argument("--figures-dir", default="figures", help="where notebook 09 writes its figures; its numbers go "
+                   "to FIGURES_DIR/findings.json under `validation` and findings.md is refreshed")
+    p.add_argument("--no-notebook", action="store_true", help="only the measurements (no notebook 09)")
     a = p.parse_args(argv)
     cfg = ValidateConfig(**(QUICK if a.quick else {}))
     over = {"work_dir": a.work_dir, "world": a.world, "fisher": a.fisher}
@@ -486,12 +709,25 @@ def main(argv=None) -> int:
         over["null_seeds"] = a.null_seeds
     if a.noise_seeds is not None:
         over["noise_seeds"] = a.noise_seeds
+    if a.size is not None:
+        from .lab.pretrain import SIZES
+
+        if a.size not in SIZES:
+            print(f"error: unknown --size {a.size!r}; choose from {', '.join(SIZES)}", file=sys.stderr)
+            return 2
+        over["size"] = a.size
     if a.lds is not None:
         over["lds_subsets"] = a.lds
     if a.no_accuracy:
         over["accuracy"] = False
     cfg = replace(cfg, **over)
-    s = run(cfg)
+    from .errors import InputError
+
+    try:
+        s = run(cfg)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for r in s["results"]:
         print(f"{r['method']:>12} k={r['k']:<4} {r['group']:<10} removed {r['n_removed']:>4}: "
               f"Δlogp {r['delta_logp']:+.3f} [{r['delta_logp_lo']:+.3f}, {r['delta_logp_hi']:+.3f}]  "
@@ -500,7 +736,32 @@ def main(argv=None) -> int:
     if s["lds"]:
         print(f"LDS over {s['lds']['subsets']} random halves: {json.dumps(s['lds']['methods'])}")
     print(f"[kit] {Path(cfg.work_dir) / 'summary.json'}, results.parquet; {s['seconds']} s")
+    if not a.no_notebook:
+        for path in run_notebook(cfg.work_dir, a.figures_dir):
+            print(f"[kit] {path}")
     return 0
+
+
+def run_notebook(work_dir, figures_dir="figures") -> List[Path]:
+    """Execute notebook 09 on a finished validation (papermill, from the repository root): its figures into
+    ``figures_dir``, its numbers into ``figures_dir/findings.json`` under ``validation``; then ``findings.md`` is
+    rewritten from that file. Returns the executed notebook and findings.md."""
+    import papermill as pm
+
+    from . import findings as FD
+    from .figures import ROOT
+
+    figs = (ROOT / figures_dir).resolve() if not Path(figures_dir).is_absolute() else Path(figures_dir)
+    executed = figs / "executed" / "09_validation.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    fj = figs / "findings.json"
+    print(f"[kit] executing notebooks/09_validation.ipynb → {executed}", flush=True)
+    pm.execute_notebook(str(ROOT / "notebooks" / "09_validation.ipynb"), str(executed), cwd=str(ROOT),
+                        progress_bar=False, parameters={"work_dir": str(Path(work_dir).resolve()),
+                                                        "figures_dir": str(figs), "findings_json": str(fj)})
+    md = figs / "findings.md"
+    md.write_text(FD.report(json.loads(fj.read_text())))
+    return [executed, md]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 
 import kit.lab.retrain as R
 from kit.lab.pretrain import SIZES, train_tokenizer
-from kit.validate import COLUMNS, SUMMARY_KEYS, lds, removal_set, score_methods, summarise, sweep
+from kit.validate import COLUMNS, SUMMARY_KEYS, lds, removal_set, score_methods, summarise, sweep, versus
 from planted import planted_corpus
 
 CFG = replace(SIZES["tiny"], batch_size=4, epochs=25.0, threads=1)  # 125 steps; 1 thread: the 2 cores are shared
@@ -94,3 +94,56 @@ def test_sweep_ekfac_beats_random_and_reruns_from_cache(tmp_path, monkeypatch, o
     assert res["subsets"] == 4 and res["removed_per_subset"] == 30 and set(res["methods"]) == {"ekfac", "random"}
     for v in res["methods"].values():
         assert set(v) == {"lds", "lds_lo", "lds_hi", "n_queries"} and v["n_queries"] == 1 and -1 <= v["lds"] <= 1
+    # one query: no paired comparison; the cross-seed agreement retrains the same halves under seed + 1 (cached on a
+    # rerun)
+    assert res["versus"] == [] and -1 <= res["cross_seed"]["lds"] <= 1
+    n = len(calls)
+    assert lds(docs, tok, CFG, queries, scores, tmp_path / "retrains", subsets=4, n_boot=100, progress=False) == res
+    assert len(calls) == n
+
+
+def test_versus_is_the_paired_difference_with_its_verdict():
+    rows = []
+    for q, (a, b) in enumerate([(-2.0, 0.1), (-1.5, 0.0), (-1.8, 0.2), (-2.2, -0.1)]):
+        for method, d in (("ekfac", a), ("bm25", b), ("random", a + 0.01)):
+            rows.append({"kind": "method", "method": method, "k": 3, "group": "factual", "query": f"q{q}",
+                         "delta_logp": d})
+    out = {r["method"]: r for r in versus(pd.DataFrame(rows), n_boot=200)}
+    assert out["bm25"]["diff"] == pytest.approx(np.mean([-2.1, -1.5, -2.0, -2.1]))
+    assert out["bm25"]["verdict"] == "EK-FAC's removal hurts more" and out["bm25"]["diff_hi"] < 0
+    assert out["random"]["diff"] == pytest.approx(-0.01) and out["random"]["verdict"] == "EK-FAC's removal hurts more"
+    flipped = pd.DataFrame(rows).assign(delta_logp=lambda d: -d["delta_logp"])
+    assert {r["method"]: r["verdict"] for r in versus(flipped, n_boot=200)}["bm25"] == "bm25's removal hurts more"
+
+
+def test_quick_validate_runs_notebook_09_and_resumes(smoke_ctx, tmp_path):
+    """`kit validate --quick` on the smoke world end to end: measurements, notebook 09's figures, findings.json's
+    `validation` equal to kit.validate.findings of the summary, findings.md's section; a rerun retrains nothing."""
+    from PIL import Image
+
+    from kit import findings as FD
+    from kit.cli import main
+    from kit.validate import findings, load, markdown
+
+    work, figs = tmp_path / "v", tmp_path / "f"
+    args = ["validate", "--quick", "--world", smoke_ctx["world"], "--work-dir", str(work), "--figures-dir",
+            str(figs), "--no-accuracy", "--size", "tiny", "--lds", "3"]  # tiny, 3 halves: seconds per retrain
+    assert main(args) == 0
+    summary, table = load(work)
+    assert summary["n_documents"] == 800 and summary["ks"] == [8]
+    assert {r["group"] for r in summary["results"]} == {"factual", "arithmetic"}
+    assert {v["method"] for v in summary["versus"]} == {"bm25", "random"}
+    assert {r["method"] for r in summary["recall"]} == {"ekfac", "bm25", "random"}
+    assert set(summary["lds"]["methods"]) == {"ekfac", "bm25", "random"} and summary["lds"]["cross_seed"]["lds"] <= 1
+    data = json.loads((figs / "findings.json").read_text())
+    assert data["validation"] == json.loads(json.dumps(FD._jsonable(findings(summary))))
+    assert set(data["validation"]["baselines"]) == {"bm25", "random"}
+    for name in ("validation_loss_change", "validation_lds", "validation_recall_at_k"):
+        assert "notebooks/09_validation.ipynb" in Image.open(figs / f"{name}.png").info["Source"], name
+    md = (figs / "findings.md").read_text()
+    assert "## Validation" in md and markdown(data["validation"])[-1] in md
+    assert (figs / "executed" / "09_validation.ipynb").exists()
+    trained = summary["retrains"]
+    assert main(args + ["--no-notebook"]) == 0
+    again, _ = load(work)
+    assert again["cached"] == trained and again["results"] == summary["results"]

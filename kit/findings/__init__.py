@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -122,6 +122,11 @@ def report(results: dict) -> str:
         if beside:
             lines += ["**The paper beside the kit, by the paper's definitions** (the kit's CI in brackets; "
                       "verdicts compare like with like, see `kit/findings/paper.py`):", ""] + beside + [""]
+    if results.get("validation"):
+        from ..validate import markdown as validation_markdown
+
+        lines += ["## Validation: does EK-FAC find the documents that matter? (`make validate`, notebook 09)", "",
+                  *validation_markdown(results["validation"]), ""]
     return "\n".join(lines)
 
 
