@@ -759,8 +759,12 @@ def run_notebook(work_dir, figures_dir="figures") -> List[Path]:
     pm.execute_notebook(str(ROOT / "notebooks" / "09_validation.ipynb"), str(executed), cwd=str(ROOT),
                         progress_bar=False, parameters={"work_dir": str(Path(work_dir).resolve()),
                                                         "figures_dir": str(figs), "findings_json": str(fj)})
-    md = figs / "findings.md"
-    md.write_text(FD.report(json.loads(fj.read_text())))
+    md, data = figs / "findings.md", json.loads(fj.read_text())
+    md.write_text(FD.report(data))
+    if (figs / "index.md").exists():  # `make figures` made it: refresh its validation rows
+        from .figures import run_sizes
+
+        (figs / "index.md").write_text(FD.paper.index_markdown(run_sizes(data), figs))
     return [executed, md]
 
 

@@ -337,6 +337,17 @@ FIGURES = [
      "cuts as fractions of the run"),
 ]
 
+#: Made by ``make validate`` (notebook 09), not by ``make figures``: the paper's one check of its method.
+VALIDATION_FIGURES = [
+    ("A.1 (remove the top documents, retrain, compare with random removals)", "validation_loss_change",
+     "09_validation", "the micro lab model on 2,000 documents; nine methods, not EK-FAC alone; log-likelihood of "
+     "the true answers"),
+    ("(not in the paper) linear datamodeling score per method", "validation_lds", "09_validation",
+     "Park et al.'s LDS over 8 random halves, with the cross-seed agreement"),
+    ("(not in the paper; TrackStar's measure) recall@k of ground-truth documents", "validation_recall_at_k",
+     "09_validation", "documents the lab corpus labels as stating the fact / demonstrating the procedure"),
+]
+
 
 def index_markdown(runs: Dict[str, dict], figures_dir) -> str:
     """``figures/index.md``: paper figure → file → notebook → what differs (with this run's sizes)."""
@@ -353,9 +364,15 @@ def index_markdown(runs: Dict[str, dict], figures_dir) -> str:
         exists = (figures_dir / f"{stem}.png").exists()
         link = f"[{stem}.png]({stem}.png)" if exists else f"{stem}.png (not made on this run)"
         lines.append(f"| {label} | {link} | `notebooks/{nb}.ipynb` | {differs} |")
+    lines += ["", "Made by `make validate` (not part of `make figures`):", "",
+              "| paper | file | notebook | what differs from the paper's setting |", "|---|---|---|---|"]
+    for label, stem, nb, differs in VALIDATION_FIGURES:
+        exists = (figures_dir / f"{stem}.png").exists()
+        link = f"[{stem}.png]({stem}.png)" if exists else f"{stem}.png (run `make validate`)"
+        lines.append(f"| {label} | {link} | `notebooks/{nb}.ipynb` | {differs} |")
     return "\n".join(lines) + "\n"
 
 
 
 
-__all__ = ["summaries", "tables", "markdown", "FIGURES", "index_markdown", "paper_model", "Row"]
+__all__ = ["summaries", "tables", "markdown", "FIGURES", "VALIDATION_FIGURES", "index_markdown", "paper_model", "Row"]
