@@ -92,4 +92,4 @@ bench: venv bergson-env world
 	$(BIN)/python benchmarks/bench_ekfac.py
 
 clean:
-	rm -rf data/smoke data/smoke-lab data/runs data/lab figures/executed figures/*.png figures/*.pdf figures/*.html figures/findings.* figures/index.md figures/*.csv
+	rm -rf data/smoke data/smoke-lab data/runs data/lab data/validate figures/executed figures/*.png figures/*.pdf figures/*.html figures/findings.* figures/index.md figures/*.csv
