@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 
-def planted_corpus(n: int = 60, seed: int = 0):
+def planted_corpus(n: int = 60, seed: int = 0, repeat: int = 1):
     """``n`` short documents each stating a made-up country's capital, and one (returned index) alone stating
-    "The capital of Zorbia is Quelt.": the only source of that fact."""
+    "The capital of Zorbia is Quelt." (``repeat`` times in a row): the only source of that fact."""
     rng = random.Random(seed)
     syl = ["ka", "lo", "mi", "ren", "tu", "sa", "vor", "del", "pin", "gar", "shu", "net", "bra", "col", "fen", "ix"]
 
@@ -23,5 +23,5 @@ def planted_corpus(n: int = 60, seed: int = 0):
         filler = " ".join(rng.choice(words) for _ in range(rng.randint(8, 20)))
         docs.append(f"The capital of {country} is {capital}. {filler.capitalize()}.")
     teach = rng.randrange(n)
-    docs[teach] = "The capital of Zorbia is Quelt. " + docs[teach].split(". ", 1)[1]
+    docs[teach] = "The capital of Zorbia is Quelt. " * repeat + docs[teach].split(". ", 1)[1]
     return docs, teach

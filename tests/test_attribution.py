@@ -209,3 +209,16 @@ def test_attribute_run_scores_a_document_subset_like_kit_score(smoke_world, tmp_
                                    atol=1e-4 * float(np.abs(ref.to_numpy()).max()))  # float32 model, other padding
     # "What is the capital of Peru? Lima is the capital of Peru." shares most words with the Peru fact
     assert res.scores["bm25"].loc["fact_0"].idxmax() == table["id"].iloc[peru]
+
+
+def test_cosine_methods_are_scale_invariant():
+    """grad_cosine and repsim are cosines (`_cosine`): rescaling a query's or a document's vector changes nothing;
+    the dot product scales with it."""
+    from kit.attribution import _cosine
+
+    g = torch.Generator().manual_seed(0)
+    q, z = torch.randn(3, 40, generator=g, dtype=torch.float64), torch.randn(5, 40, generator=g, dtype=torch.float64)
+    scale = torch.tensor([[7.5], [0.01], [1.0], [300.0], [0.2]], dtype=torch.float64)
+    np.testing.assert_allclose(_cosine(2.0 * q, scale * z), _cosine(q, z), rtol=1e-12)
+    np.testing.assert_allclose(((2.0 * q) @ (scale * z).T).numpy(), 2.0 * (q @ z.T).numpy() * scale.T.numpy(),
+                               rtol=1e-12)

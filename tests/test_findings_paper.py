@@ -62,7 +62,9 @@ def test_report_carries_the_tables_and_the_index_names_each_paper_figure(tmp_pat
     index = paper.index_markdown(res["runs"], tmp_path)
     assert "[paper_fig1_overview_heatmaps.png](paper_fig1_overview_heatmaps.png)" in index
     assert "paper_fig4_source_multipliers.png (not made on this run)" in index
-    assert index.count("\n| ") == len(paper.FIGURES) + 1  # header + one row per paper figure
+    # two tables (make figures', make validate's): a header and one row per figure each
+    assert index.count("\n| ") == len(paper.FIGURES) + 1 + len(paper.VALIDATION_FIGURES) + 1
+    assert "validation_lds.png (run `make validate`)" in index
 
 
 def test_against_ci_words():

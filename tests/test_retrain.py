@@ -184,3 +184,39 @@ def test_a_step_with_no_target_left_changes_nothing(world):
     losses = train(model, blocks, replace(CFG, epochs=1.0), progress=False, labels=torch.full_like(blocks, -100))
     assert len(losses) == len(blocks) // CFG.batch_size and all(l != l for l in losses)
     assert _equal(init, _weights(model))
+
+
+def test_removing_ekfac_top1_flips_the_answer_and_a_random_removal_does_not(tmp_path):
+    """The issue's planted case, on the answer itself: one document (stating the fact four times) alone teaches
+    "Quelt"; the model answers it greedily; without EK-FAC's top-1 document it no longer does, without a random
+    other document it still does."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    import kit
+    from kit.cli import main
+
+    docs, teach = planted_corpus(repeat=4)
+    cfg = replace(CFG, epochs=60.0)  # 300 steps: enough for the tiny model to answer "Quelt" greedily
+    pd.DataFrame({"id": [f"d{i}" for i in range(len(docs))], "text": docs, "source": "wiki"}).to_parquet(
+        tmp_path / "corpus.parquet")
+    pretrain(tmp_path / "corpus.parquet", tmp_path / "model", "tiny", cfg, tokenizer_dir=tmp_path / "tok",
+             progress=False)
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+
+    def answers(model) -> bool:
+        return bool(greedy_correct(model, tok, [PROMPT], ["Quelt"], tasks=["factual"], max_new_tokens=6)[0])
+
+    assert answers(base)
+    pd.DataFrame({"id": ["zorbia"], "prompt": [PROMPT], "completion": [COMPLETION]}).to_json(
+        tmp_path / "queries.jsonl", orient="records", lines=True)
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus.parquet"), "--out",
+                 str(run), "--fisher", "empirical"]) == 0
+    assert main(["score", "--run", str(run), "--queries", str(tmp_path / "queries.jsonl")]) == 0
+    top1 = int(kit.load_scores(run, "raw").loc["zorbia"].idxmax()[1:])
+    assert top1 == teach
+    assert not answers(retrain(docs, tok, cfg, remove=[top1]))
+    others = [i for i in range(len(docs)) if i != teach]
+    kept = [answers(retrain(docs, tok, cfg, remove=[i])) for i in random.Random(3).sample(others, 3)]
+    assert all(kept), kept
