@@ -6,7 +6,7 @@ every attribution method of :mod:`kit.attribution`; then notebook 09 draws the f
 for a group of queries lower those queries' log-likelihood more than removing as many random documents, and more
 than removing another method's top documents? (Koh & Liang's check; Ruis et al. A.1.)
 
-**Why the micro model.** Every retrain must take seconds for the whole sweep (about 115 retrains with the
+**Why the micro model.** Every retrain must take seconds for the whole sweep (about 110 retrains with the
 defaults) to fit ``make validate``'s 30-minute budget on 2 CPU cores: the ``small`` lab model on the full corpus
 trains in minutes, the ``micro`` model on a 2,000-document sample in about 13 s. The price: a model this small
 answers the question templates with junk, hence the true-answer completions below.
@@ -102,6 +102,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .groundtruth import _ci  # the percentile bootstrap CI every summary here uses
 
 DEFAULT_METHODS = ("ekfac", "ekfac_per_nat", "ekfac_normalized", "kfac", "grad_dot", "grad_cosine", "bm25", "repsim",
                    "random")
@@ -353,11 +355,15 @@ def sweep(texts: Sequence[str], tokenizer, pcfg, queries: pd.DataFrame, scores: 
         grp = {g: r for g, r in grp.items() if g in set(groups)}
     jobs = plan(scores, grp, ks, len(texts), null_seeds, noise_seeds, pcfg.seed)
     rows = []
+    measured = {}  # retrain key -> (log p, correct): jobs sharing a removal set (e.g. ekfac, ekfac_per_nat) measure once
     bar = tqdm(jobs, desc="validate: retraining", disable=not progress)
     for job in bar:
         bar.set_postfix_str(f"{job['method']} k={job['k']} {job['group']}", refresh=False)
         model = retrain(texts, tokenizer, replace(pcfg, seed=job["seed"]), job["remove"], cache_dir=cache_dir)
-        lp, ok = measure(model)
+        key = model.retrain_info["key"]
+        if key not in measured:
+            measured[key] = measure(model)
+        lp, ok = measured[key]
         which = np.arange(len(queries)) if job["kind"] == "noise" else grp[job["group"]]
         for i in which:
             rows.append({"kind": job["kind"], "method": job["method"], "k": job["k"], "group": job["group"],
@@ -367,11 +373,6 @@ def sweep(texts: Sequence[str], tokenizer, pcfg, queries: pd.DataFrame, scores: 
                          "delta_correct": ok[i] - ok0[i], "retrain_key": model.retrain_info["key"],
                          "cached": bool(model.retrain_info["cached"])})
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _ci(values: np.ndarray, idx: np.ndarray) -> tuple:
-    boots = values[idx].mean(1)
-    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def summarise(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -751,7 +752,7 @@ def run_notebook(work_dir, figures_dir="figures") -> List[Path]:
     from . import findings as FD
     from .figures import ROOT
 
-    figs = (ROOT / figures_dir).resolve() if not Path(figures_dir).is_absolute() else Path(figures_dir)
+    figs = (ROOT / figures_dir).resolve()  # an absolute figures_dir stays itself
     executed = figs / "executed" / "09_validation.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     fj = figs / "findings.json"
