@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import FitConfig, ScoreConfig, help_of
+from .config import DEFAULT_BATCH_TOKENS, FitConfig, ScoreConfig, help_of
 from .errors import FactorError, InputError, ModelError
 
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-tokens", type=int, default=None, help=_h(FitConfig, "max_tokens"))
     f.add_argument("--long-docs", choices=["chunk", "truncate"], default="chunk", help=_h(FitConfig, "long_docs"))
     f.add_argument("--batch-size", type=int, default=8, help=_h(FitConfig, "batch_size"))
-    f.add_argument("--max-batch-tokens", type=int, default=None, help=_h(FitConfig, "max_batch_tokens"))
+    f.add_argument("--max-batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, help=_h(FitConfig, "max_batch_tokens"))
     f.add_argument("--seed", type=int, default=0, help=_h(FitConfig, "seed"))
     f.add_argument("--dtype", default="float32", help=_h(FitConfig, "dtype"))
     f.add_argument("--factor-dtype", default="float32", help=_h(FitConfig, "factor_dtype"))
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="float32", help=_h(PlanConfig, "dtype"))
     pl.add_argument("--factor-dtype", default="float32", help=_h(PlanConfig, "factor_dtype"))
     pl.add_argument("--batch-size", type=int, default=8, help=_h(PlanConfig, "batch_size"))
-    pl.add_argument("--max-batch-tokens", type=int, help=_h(PlanConfig, "max_batch_tokens"))
+    pl.add_argument("--max-batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS, help=_h(PlanConfig, "max_batch_tokens"))
     pl.add_argument("--max-tokens", type=int, help=_h(PlanConfig, "max_tokens"))
     pl.add_argument("--query-rank", default="full", help=_h(PlanConfig, "query_rank"))
     pl.add_argument("--query-batch-size", type=int, default=8, help=_h(PlanConfig, "query_batch_size"))

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from .errors import InputError
 
+DEFAULT_BATCH_TOKENS = 1024  # padded tokens per batch, at most (see FitConfig.max_batch_tokens)
+
 
 def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
@@ -31,8 +33,10 @@ class FitConfig:
     max_tokens: Optional[int] = _help("tokens per document (the context); default min(512, model context)", default=None)
     long_docs: str = _help("documents longer than max_tokens: 'chunk' into pieces or 'truncate'", default="chunk")
     batch_size: int = _help("documents per forward/backward pass", default=8)
-    max_batch_tokens: Optional[int] = _help("also cap a batch at this many padded tokens (batches of long documents "
-                                            "get fewer documents); default no cap", default=None)
+    max_batch_tokens: Optional[int] = _help(
+        "also cap a batch at this many padded tokens (batches of long documents get fewer documents, at least one), "
+        "so a pass's memory does not grow with document length; 0 = no cap. On the lab model the default ran as fast "
+        "as 2,048-token batches with about 80 MB less memory; on a GPU larger batches pay", default=DEFAULT_BATCH_TOKENS)
     seed: int = _help("seed for the labels sampled for the true Fisher", default=0)
     dtype: str = _help("dtype of the model's forward/backward: float32, bfloat16, float16 (or float64 for tests); "
                        "factors are accumulated in float32 whatever it is", default="float32")
@@ -71,8 +75,10 @@ class FitConfig:
             raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.factor_dtype not in ("float32", "float64"):
             raise InputError(f"--factor-dtype must be float32 or float64, got {self.factor_dtype!r}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise InputError(f"--max-batch-tokens must be at least 1, got {self.max_batch_tokens}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 0:
+            raise InputError(f"--max-batch-tokens must be at least 1 (or 0 for no cap), got {self.max_batch_tokens}")
+        if self.max_batch_tokens == 0:
+            self.max_batch_tokens = None
         if not isinstance(self.device, str) or not self.device:
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self

@@ -460,6 +460,7 @@ def build_token_store(source: Union[str, Path, pd.DataFrame], tokenizer, out_dir
             writer.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages for reuse: hand them back
     return TokenStore(out_dir)
 
 

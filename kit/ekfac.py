@@ -58,7 +58,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -339,35 +339,42 @@ def damping_value(Lambda: Tensor, damping: Union[str, float]) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def gram(x: Tensor) -> Tensor:
-    """``xᵀx = Σ_t x_t x_tᵀ`` for ``x`` of shape ``(tokens, d)``.
-
-    The result is symmetric, so for wide ``x`` only the column blocks on and above the diagonal are multiplied
-    (with ``k`` blocks, ``(k+1)/2k`` of a full product's flops: 5/8 for ``k = 4``) and the rest is mirrored.
-    """
-    d = x.shape[1]
-    k = 4 if d >= 512 else 2 if d >= 256 else 1
-    if k == 1:
-        return x.T @ x
+def _gram_blocks(d: int) -> List[Tuple[int, int]]:
+    """Column blocks of about 160 (at most 8 blocks) for :func:`add_gram_`."""
+    k = min(8, max(1, math.ceil(d / 160)))
     edges = [d * i // k for i in range(k + 1)]
-    out = x.new_empty(d, d)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        block = x[:, lo:hi].T @ x[:, lo:]  # rows lo:hi, columns lo:d
-        out[lo:hi, lo:] = block
-        out[lo:, lo:hi] = block.T
-    return out
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def add_gram_(acc: Tensor, x: Tensor) -> None:
+    """``acc += xᵀx = Σ_t x_t x_tᵀ`` for ``x`` of shape ``(tokens, d)``, on and above the diagonal blocks only.
+
+    ``xᵀx`` is symmetric, so only the column blocks on and above the diagonal are multiplied (with ``k`` blocks,
+    ``(k+1)/2k`` of a full product's flops), straight into ``acc`` (no temporary); :func:`mirror_` fills the blocks
+    below the diagonal once, when the sum is complete.
+    """
+    for lo, hi in _gram_blocks(x.shape[1]):
+        acc[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
+
+
+def mirror_(M: Tensor) -> Tensor:
+    """Copy the blocks above the diagonal blocks of a sum built by :func:`add_gram_` to those below: ``M`` symmetric."""
+    for lo, hi in _gram_blocks(M.shape[0]):
+        M[hi:, lo:hi] = M[lo:hi, hi:].T
+    return M
 
 
 def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor, Tensor], None]:
-    """Hook callback adding ``Σ_t a aᵀ`` and ``Σ_t g gᵀ`` of a batch to the factors (padding already zeroed)."""
+    """Hook callback adding ``Σ_t a aᵀ`` and ``Σ_t g gᵀ`` of a batch to the factors (padding already zeroed); the sums
+    hold their upper blocks only until :func:`eigendecompose_layer` mirrors them."""
 
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
         if f.A is None:
             f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
             f.S = torch.zeros(f.d_out, f.d_out, dtype=f.dtype, device=a.device)
-        f.A += gram(a.reshape(-1, a.shape[-1]).to(f.dtype))
-        f.S += gram(g.reshape(-1, g.shape[-1]).to(f.dtype))
+        add_gram_(f.A, a.reshape(-1, a.shape[-1]).to(f.dtype))
+        add_gram_(f.S, g.reshape(-1, g.shape[-1]).to(f.dtype))
 
     return callback
 
@@ -408,6 +415,7 @@ def eigendecompose_layer(f: LayerFactors, keep_covariances: bool = False) -> Non
     model) is reported with the layer's name instead of failing inside ``eigh``."""
     if f.A is None or f.n_tokens == 0:
         raise FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
+    mirror_(f.A), mirror_(f.S)
     for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):
         if not torch.isfinite(M).all():
             raise FactorError(

@@ -125,25 +125,55 @@ def _scorable(path: Path, dropped: list) -> str:
     return str(out)
 
 
+#: Seconds each notebook took on the lab preset (one run): the longest start first when they run side by side.
+NOTEBOOK_SECONDS = {"05_f3_answers.ipynb": 48, "04_f2_magnitude.ipynb": 38, "06_f4_procedures.ipynb": 36,
+                    "07_f5_sources.ipynb": 26, "02_fit_and_score.ipynb": 24, "03_f1_correlations.ipynb": 22,
+                    "08_explorer.ipynb": 8, "01_world_and_queries.ipynb": 4}
+
+
 def run_notebooks(ctx: Dict[str, object], figures_dir: Path, preset: str, notebooks: List[str] = NOTEBOOKS,
-                  findings_json: Optional[Path] = None, extra: Optional[dict] = None) -> List[Path]:
-    """Execute the notebooks with papermill; each writes its figures and its keys of ``findings.json``."""
-    import papermill as pm
+                  findings_json: Optional[Path] = None, extra: Optional[dict] = None,
+                  jobs: Optional[int] = None) -> List[Path]:
+    """Execute the notebooks with papermill; each writes its figures and its keys of ``findings.json``.
+
+    ``jobs`` notebooks run side by side (default: one per CPU core, at most 4), each in its own papermill process
+    with one BLAS/OpenMP thread (two multithreaded kernels on two cores slow each other down many times over);
+    they share nothing but ``findings.json``, whose merges are locked (:func:`kit.findings.merge`). A failing
+    notebook stops the run with its papermill error once the others have finished.
+    """
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     figures_dir = Path(figures_dir)
     executed = figures_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     findings_json = findings_json or figures_dir / "findings.json"
-    out = []
-    for nb in notebooks:
+    jobs = jobs or min(4, os.cpu_count() or 1)
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+                            if jobs > 1 else {})}
+    params = {"runs": dict(ctx["runs"]), "world_dir": str(ctx["world"]), "figures_dir": str(figures_dir),
+              "findings_json": str(findings_json), "preset": preset, **(extra or {})}
+
+    def execute(nb: str) -> Optional[str]:
         target = executed / nb
         print(f"[kit] executing notebooks/{nb} → {target}", flush=True)
-        params = {"runs": dict(ctx["runs"]), "world_dir": str(ctx["world"]), "figures_dir": str(figures_dir),
-                  "findings_json": str(findings_json), "preset": preset, **(extra or {})}
-        pm.execute_notebook(str(ROOT / "notebooks" / nb), str(target), cwd=str(ROOT), progress_bar=False,
-                            parameters=params)
-        out.append(target)
-    return out
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / nb), str(target), "--cwd", str(ROOT),
+               "--no-progress-bar", "-y", json.dumps(params)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            return f"notebooks/{nb} failed (executed copy with the error: {target}):\n{out.stderr[-3000:]}"
+        print(f"[kit] notebooks/{nb} done in {time.time() - t0:.0f} s", flush=True)
+        return None
+
+    order = sorted(notebooks, key=lambda nb: -NOTEBOOK_SECONDS.get(nb, 30))
+    with ThreadPoolExecutor(jobs) as pool:
+        errors = [e for e in pool.map(execute, order) if e]
+    if errors:
+        raise RuntimeError("\n\n".join(errors))
+    return [executed / nb for nb in notebooks]
 
 
 def run_sizes(findings: dict) -> Dict[str, dict]:

@@ -29,10 +29,11 @@ Normalisations (:func:`normalise`):
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from . import distributed, ekfac
 from .corpus import IGNORE, Batch
 
 Damping = Union[str, float]
+WRITE_AHEAD_BYTES = 32 << 20  # token-cache bytes queued for the disk at most (see TokenCache._submit_write)
 
 # --------------------------------------------------------------------------------------------------------------
 # Losses
@@ -185,9 +187,11 @@ class TokenCache:
         self.used = 0
         self.full = budget_bytes <= 0
         self.signature: Optional[dict] = None  # which batches these are (set by the owner; checked before reuse)
-        self._pending: List[Tuple[str, Tensor, Tensor]] = []
+        self._pending: List[Tuple[str, Tensor, Tensor]] = []  # in memory: this batch's parts until commit
+        self._batch: Optional[Tuple[int, list, list]] = None  # on disk: this batch's parts written so far
         self._mem: Dict[int, List[Tuple[str, Tensor, Tensor]]] = {}
-        self._index: Dict[int, Tuple[int, list]] = {}  # batch → (file offset, [(layer, a dtype/shape, g dtype/shape)])
+        # batch → ([file offset of each layer's part], [(layer, a dtype, a shape, g dtype, g shape)])
+        self._index: Dict[int, Tuple[list, list]] = {}
         self._file = None
         if directory is not None and not self.full:
             import tempfile
@@ -196,13 +200,14 @@ class TokenCache:
 
             self._file = tempfile.NamedTemporaryFile(prefix="token-cache-", suffix=".bin", dir=directory)
             self._end = 0
-            # one I/O thread writes batch i while the model runs batch i+1, and reads batch i+1 while batch i is
-            # replayed (file reads and writes release the GIL); at most one batch is in flight each way
+            # one I/O thread writes batch i while the model runs batch i+1, and reads a layer's part while the one
+            # before it is replayed (file reads and writes release the GIL); one write and one read in flight
             self._io = ThreadPoolExecutor(1, thread_name_prefix="token-cache")
-            self._writing = None
+            self._writing: "collections.deque" = collections.deque()  # (future, bytes) of writes in flight
+            self._in_flight = 0
             self._ahead: Optional[Tuple[int, object]] = None
             self._pool: List[np.ndarray] = []
-            self._largest = 0  # bytes of the largest batch written
+            self._largest = 0  # bytes of the largest layer part written
             import threading
 
             self._lock = threading.Lock()
@@ -213,15 +218,43 @@ class TokenCache:
         return self._file is not None
 
     def record(self, callback):
-        """Wrap a hook callback so that it also remembers what it was given."""
+        """Wrap a hook callback so that it also remembers what it was given. Spilled to a file, each layer's part is
+        written as soon as the hook hands it over (one write in flight), so the process never holds a whole batch of
+        parts waiting for the disk; in memory, the parts wait for :meth:`commit`."""
         def wrapped(name: str, a: Tensor, g: Tensor) -> None:
             callback(name, a, g)
-            if not self.full:
+            if self.full:
+                return
+            if self._file is None:
                 self._pending.append((name, a, g))
+                return
+            part = (name, a.dtype, tuple(a.shape), g.dtype, tuple(g.shape))
+            if self._batch is None:
+                self._batch = (self._end, [], [])  # where the batch starts, its parts' offsets, its parts
+            self._submit_write([_as_bytes(a), _as_bytes(g)], self._end, _part_bytes(part))
+            self._batch[1].append(self._end)
+            self._batch[2].append(part)
+            self._end += _part_bytes(part)
         return wrapped
 
     def commit(self, i: int) -> None:
         """End of batch ``i``: keep its tensors if they fit, else stop caching (later batches are recomputed)."""
+        if self._file is not None:
+            batch, self._batch = self._batch, None
+            if batch is None or self.full:
+                return
+            begin, offsets, layout = batch
+            size = self._end - begin
+            if self.used + size > self.budget:  # over budget: forget this batch's parts and cache no more
+                self.full = True
+                self._wait_for_write()
+                self._end = begin
+                os.ftruncate(self._file.fileno(), begin)
+                return
+            self.used += size
+            self._index[i] = (offsets, layout)
+            self._largest = max([self._largest] + [_part_bytes(p) for p in layout])
+            return
         pending, self._pending = self._pending, []
         size = sum(a.numel() * a.element_size() + g.numel() * g.element_size() for _, a, g in pending)
         if not pending or self.full:
@@ -230,54 +263,66 @@ class TokenCache:
             self.full = True
             return
         self.used += size
-        if self._file is None:
-            self._mem[i] = pending
-            return
-        views = [_as_bytes(t) for _, a, g in pending for t in (a, g)]
-        self._index[i] = (self._end, [(name, a.dtype, tuple(a.shape), g.dtype, tuple(g.shape))
-                                      for name, a, g in pending])
-        self._wait_for_write()
-        self._writing = self._io.submit(_write_all, self._file.fileno(), views, self._end)
-        self._end += size
-        self._largest = max(self._largest, size)
+        self._mem[i] = pending
+
+    def _submit_write(self, views: List[np.ndarray], offset: int, nbytes: int) -> None:
+        """Queue a write; the hooks go on while the I/O thread writes, with at most ``WRITE_AHEAD_BYTES`` waiting
+        (waiting on each write instead leaves both cores idle while the disk copy runs)."""
+        while self._writing and self._in_flight + nbytes > WRITE_AHEAD_BYTES:
+            self._finish_oldest_write()
+        self._writing.append((self._io.submit(_write_all, self._file.fileno(), views, offset), nbytes))
+        self._in_flight += nbytes
+
+    def _finish_oldest_write(self) -> None:
+        future, nbytes = self._writing.popleft()
+        future.result()  # re-raises a failed write (e.g. a full disk) here
+        self._in_flight -= nbytes
 
     def _wait_for_write(self) -> None:
-        if self._writing is not None:
-            self._writing.result()  # re-raises a failed write (e.g. a full disk) here
-            self._writing = None
+        while self._writing:
+            self._finish_oldest_write()
 
     def __contains__(self, i: int) -> bool:
         return i in self._mem or i in self._index
 
-    def get(self, i: int, device=None) -> List[Tuple[str, Tensor, Tensor]]:
-        """Batch ``i``'s ``(layer, a, g)``, in the order the hooks gave them; the cache keeps them for later passes.
-        From disk, batch ``i + 1`` is read ahead in the background."""
+    def get(self, i: int, device=None) -> Iterator[Tuple[str, Tensor, Tensor]]:
+        """Batch ``i``'s ``(layer, a, g)``, in the order the hooks gave them, one layer at a time; the cache keeps
+        them for later passes. From disk, each layer's part is read while the one before it is replayed (the next
+        batch's first part after a batch's last), into a small pool of part-sized buffers: the process holds about
+        two layers of one batch, not whole batches."""
         if i in self._mem:
-            return self._mem[i]
+            yield from self._mem[i]
+            return
         self._wait_for_write()
-        buf = self._ahead[1].result() if self._ahead is not None and self._ahead[0] == i else self._read(i)
-        self._ahead = (i + 1, self._io.submit(self._read, i + 1)) if i + 1 in self._index else None
-        tensors, pos = [], 0
-        for dt, shape in _parts(self._index[i][1]):
-            count = math.prod(shape)
-            t = torch.frombuffer(buf, dtype=dt, count=count, offset=pos).view(shape) if count else \
-                torch.empty(shape, dtype=dt)
-            tensors.append(t.to(device) if device is not None else t)
-            pos += count * _itemsize(dt)
-        return [(name, tensors[2 * j], tensors[2 * j + 1]) for j, (name, *_) in enumerate(self._index[i][1])]
+        offsets, layout = self._index[i]
+        for j, (name, da, sa, dg, sg) in enumerate(layout):
+            key = (i, j)
+            buf = self._ahead[1].result() if self._ahead is not None and self._ahead[0] == key else self._read(key)
+            nxt = (i, j + 1) if j + 1 < len(layout) else (i + 1, 0) if i + 1 in self._index else None
+            self._ahead = (nxt, self._io.submit(self._read, nxt)) if nxt is not None else None
+            tensors, pos = [], 0
+            for dt, shape in ((da, sa), (dg, sg)):
+                count = math.prod(shape)
+                t = torch.frombuffer(buf, dtype=dt, count=count, offset=pos).view(shape) if count else \
+                    torch.empty(shape, dtype=dt)
+                tensors.append(t.to(device) if device is not None else t)
+                pos += count * _itemsize(dt)
+            del buf
+            yield name, tensors[0], tensors[1]
 
-    def _read(self, i: int) -> np.ndarray:
-        offset, layout = self._index[i]
-        size = sum(math.prod(shape) * _itemsize(dt) for dt, shape in _parts(layout))
+    def _read(self, key: Tuple[int, int]) -> np.ndarray:
+        i, j = key
+        offsets, layout = self._index[i]
+        size = _part_bytes(layout[j])
         buf = self._buffer(size)
-        n = os.preadv(self._file.fileno(), [buf[:size]], offset) if size else 0
+        n = os.preadv(self._file.fileno(), [buf[:size]], offsets[j]) if size else 0
         if n < size:
-            raise IOError(f"token cache {self._file.name}: read {n} of {size} bytes of batch {i}")
+            raise IOError(f"token cache {self._file.name}: read {n} of {size} bytes of batch {i}, layer {layout[j][0]}")
         return buf
 
     def _buffer(self, size: int) -> np.ndarray:
-        """A read buffer no tensor views any more (its only references: the pool's and this function's), from a pool
-        of two: reusing them keeps reads free of page faults, and the process from piling up freed buffers."""
+        """A read buffer no tensor views any more (its only references: the pool's and this function's), from a
+        small pool: reusing them keeps reads free of page faults, and the process from piling up freed buffers."""
         import sys
 
         with self._lock:
@@ -285,7 +330,7 @@ class TokenCache:
                 if len(b) >= size and sys.getrefcount(b) == 3:  # the pool, the loop variable, getrefcount's argument
                     return b
             b = np.empty(max(size, self._largest), dtype=np.uint8)
-            if len(self._pool) < 2:  # the batch being replayed and the one read ahead
+            if len(self._pool) < 3:  # the part being replayed, the one read ahead, one its consumer still holds
                 self._pool.append(b)
             return b
 
@@ -295,14 +340,17 @@ class TokenCache:
         self._index.clear()
         self.full = True
         if self._file is not None:
-            self._writing = self._ahead = None
+            self._writing.clear()
+            self._ahead = None
             self._pool = []
             self._finalizer()
             self._file = None
 
 
-def _parts(layout) -> List[Tuple[torch.dtype, tuple]]:
-    return [(dt, shape) for _, da, sa, dg, sg in layout for dt, shape in ((da, sa), (dg, sg))]
+def _part_bytes(part) -> int:
+    """Bytes of one layer's ``(a, g)`` in the spill file, from its layout entry."""
+    _, da, sa, dg, sg = part
+    return math.prod(sa) * _itemsize(da) + math.prod(sg) * _itemsize(dg)
 
 
 def _write_all(fd: int, views: List[np.ndarray], offset: int) -> None:
@@ -398,6 +446,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
             release_memory()
         with sw("eigendecomposition"):
             _eigendecompose_shared(factors, progress, keep_covariances)
+            release_memory()
         state = FitState("lambda", 0)
         if checkpoint is not None:
             with sw("writing"):
@@ -461,6 +510,7 @@ def _eigendecompose_shared(factors: Dict[str, ekfac.LayerFactors], progress: boo
     for f in layers:
         if f.n_tokens == 0:
             raise ekfac.FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
+        ekfac.mirror_(f.A), ekfac.mirror_(f.S)
         for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):
             if not torch.isfinite(M).all():
                 raise ekfac.FactorError(f"layer {f.name}: the {label} contains NaN or inf values; the model produced "

@@ -510,6 +510,7 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
         with sw("query gradients"):
             pq, nats = influence.preconditioned_queries(run.model, run.modules, factors, qbatches, Q, damping,
                                                         cfg.rank, progress=not quiet)
+            influence.release_memory()  # the query passes' activations: freed, handed back before scoring
         if d.main:
             table = _arrow_safe(qtok.table.copy())
             table["nats"] = nats.numpy()

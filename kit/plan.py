@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from .config import _help, parse_rank
+from .config import DEFAULT_BATCH_TOKENS, _help, parse_rank
 from .errors import InputError
 
 GiB = 2**30
@@ -50,7 +50,7 @@ class PlanConfig:
     dtype: str = _help("model dtype", default="float32")
     factor_dtype: str = _help("factor dtype", default="float32")
     batch_size: int = _help("documents per batch", default=8)
-    max_batch_tokens: Optional[int] = _help("padded tokens per batch cap", default=None)
+    max_batch_tokens: Optional[int] = _help("padded tokens per batch cap (0 = none)", default=DEFAULT_BATCH_TOKENS)
     max_tokens: Optional[int] = _help("tokens per document (the context); default min(512, model context)",
                                       default=None)
     query_rank: str = _help("'full' or the rank r of the query gradients", default="full")
@@ -171,7 +171,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
                 timing = _measure(cfg, model, mods, tok, store, rank, device, quiet)
         D = int(round(n_docs * pieces))
         mean_len = float(sample_lengths.mean())
-        padded = _padding_ratio(sample_lengths, cfg.batch_size, cfg.max_batch_tokens)
+        padded = _padding_ratio(sample_lengths, cfg.batch_size, cfg.max_batch_tokens or None)
     else:
         D = int(cfg.n_docs)
         mean_len = float(cfg.tokens_per_doc or max_tokens)
@@ -296,7 +296,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
     from .corpus import Batch, make_batches
 
     cuda = device.startswith("cuda")
-    batches = make_batches(store, cfg.batch_size, int(tok.pad_token_id), max_batch_tokens=cfg.max_batch_tokens)
+    batches = make_batches(store, cfg.batch_size, int(tok.pad_token_id), max_batch_tokens=cfg.max_batch_tokens or None)
     n = min(3, len(batches))
     # the longest batch (first: documents are sorted by length) for the activation peak; for the time, batches
     # from the start, the middle and the end of the length distribution

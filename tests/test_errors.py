@@ -129,8 +129,9 @@ def test_bad_options():
         ScoreConfig(dtype="fp8").validate()
     with pytest.raises(InputError, match="--top-k must be at least 1"):
         ScoreConfig(top_k=0).validate()
-    with pytest.raises(InputError, match="--max-batch-tokens must be at least 1"):
-        FitConfig(max_batch_tokens=0).validate()
+    with pytest.raises(InputError, match=r"--max-batch-tokens must be at least 1 \(or 0 for no cap\)"):
+        FitConfig(max_batch_tokens=-5).validate()
+    assert FitConfig(max_batch_tokens=0).validate().max_batch_tokens is None  # 0: no cap
     from kit.pipeline import resolve_device
 
     with pytest.raises(InputError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):

@@ -185,7 +185,7 @@ def test_token_cache_on_disk_round_trips_every_dtype_and_shape(tmp_path, dtype):
             record(name, a, b)
         cache.commit(i)
     for i in (2, 0, 3, 1, 2):  # any order, as often as wanted
-        got = cache.get(i)
+        got = list(cache.get(i))
         assert [n for n, _, _ in got] == [n for n, _, _ in batches[i]]
         for (_, a, b), (_, a0, b0) in zip(got, batches[i]):
             assert a.dtype == dtype and torch.equal(a, a0) and torch.equal(b, b0)

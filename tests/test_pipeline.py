@@ -118,7 +118,8 @@ def _interrupt_after(monkeypatch, n_calls):
 def test_killed_fit_resumes_to_the_same_factors(smoke_world, tmp_path, monkeypatch, kill_at):
     # the kill counts forward passes: with no token cache the correction pass runs the model again
     cfg = dict(model=smoke_world["model"], corpus=smoke_world["corpus"], batch_size=16, checkpoint_every=2,
-               dtype="float64", factor_dtype="float64", cache_gb=2.0 if kill_at < 10 else 0.0)
+               dtype="float64", factor_dtype="float64", cache_gb=2.0 if kill_at < 10 else 0.0,
+               max_batch_tokens=0)  # 10 batches of 16 documents per pass, whatever their length
     kit.fit(FitConfig(**{**cfg, "cache_gb": 2.0}), tmp_path / "clean", quiet=True)  # cached, uninterrupted
     with monkeypatch.context() as m:
         _interrupt_after(m, kill_at)

@@ -16,8 +16,10 @@ paper's figures: a finding that does not hold is reported as such.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -86,16 +88,35 @@ def verdicts(results: dict) -> Dict[str, Dict[str, dict]]:
 def merge(path: Union[str, Path], update: dict) -> dict:
     """Merge ``update`` into the JSON file at ``path`` (per finding and model) and refresh its verdicts."""
     path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(data.get(k), dict) and k not in ("config",):
-            data[k].update(v)
-        else:
-            data[k] = v
-    data["verdicts"] = verdicts(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=True))
+    with _locked(path.parent):  # notebooks run side by side: one read-modify-write at a time
+        data = json.loads(path.read_text()) if path.exists() else {}
+        for k, v in update.items():
+            if isinstance(v, dict) and isinstance(data.get(k), dict) and k not in ("config",):
+                data[k].update(v)
+            else:
+                data[k] = v
+        data["verdicts"] = verdicts(data)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_jsonable(data), indent=1, allow_nan=True))
+        os.replace(tmp, path)  # a reader never sees half a file
     return data
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive ``flock`` on ``directory`` (no lock file left behind); a no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def report(results: dict) -> str:

@@ -23,6 +23,7 @@ Two views of the search:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -117,7 +118,8 @@ def ground_truth_ranks(run: RunData) -> pd.DataFrame:
     for i, q in run.queries.iterrows():
         if q["task"] != "factual" or not q.get("fact"):
             continue
-        holders = np.array([q["fact"] in f for f in facts])
+        fact = q["fact"]
+        holders = np.array([fact in f for f in facts])
         order = np.argsort(-run.scores[i], kind="stable")
         ranks = np.flatnonzero(holders[order]) + 1
         rows.append({"query": q["id"], "correct": q.get("correct"), "n_fact_docs": int(holders.sum()),
@@ -203,9 +205,13 @@ def _prefilter(target_label: str, pattern: re.Pattern, texts: Sequence[str], low
                nocomma: List[str]) -> np.ndarray:
     """Documents that *can* match ``pattern`` (a cheap substring test that never drops a real match)."""
     src = pattern.pattern
-    if _LINK in src:  # a step pattern: the result is written literally after the link word
-        res = target_label.rsplit(" = ", 1)[-1].lstrip("-")
-        return np.fromiter((res in t for t in texts), dtype=bool, count=len(texts))
+    if _LINK in src:  # a step pattern: each operand and the result are written literally (any case)
+        expr, res = target_label.rsplit(" = ", 1)
+        needles = [tok.lstrip("-−").translate(_FOLD).lower() for tok in expr.split() if tok not in _OPS]
+        needles.append(res.lstrip("-").translate(_FOLD).lower())
+        if low is None:
+            return np.ones(len(texts), dtype=bool)
+        return np.fromiter((all(n in t for n in needles) for t in low), dtype=bool, count=len(texts))
     a = target_label.strip()
     if re.fullmatch(r"-?\d+(?:\.\d+)?", a):  # a number, thousands separators allowed in the document
         digits = a.lstrip("-")
@@ -216,17 +222,26 @@ def _prefilter(target_label: str, pattern: re.Pattern, texts: Sequence[str], low
     return np.ones(len(texts), dtype=bool)
 
 
+#: The documents of the last corpus searched (keyed by a hash of their texts) and each target's search result over
+#: them: both lab models score the same corpus, and Fig. 3's summary and its rank curves search the same targets.
+_SEARCHED: Dict[str, object] = {}
+
+
 def _hit_rows(run: RunData, texts: Optional[Sequence[str]] = None):
     """Yield ``(row, query, targets, hits)`` for every factual or reasoning query with targets.
 
-    ``hits[t, j]`` says whether document ``j`` states target ``t`` (:func:`query_targets`); identical targets of
-    different queries are searched once, and a substring prefilter skips documents that cannot match.
+    ``hits[t, j]`` says whether document ``j`` states target ``t`` (:func:`query_targets`); identical targets are
+    searched once per corpus (also across runs and calls), and a substring prefilter skips documents that cannot
+    match.
     """
     texts = ["" if x is None or (isinstance(x, float) and x != x) else str(x)
              for x in (texts if texts is not None else run.documents["text"])]
-    low = [t.translate(_FOLD).lower() for t in texts]
-    nocomma = [t.replace(",", "") for t in texts]
-    cache: Dict[str, np.ndarray] = {}
+    tkey = hashlib.blake2b("\x00".join(texts).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    if _SEARCHED.get("texts") != tkey:  # another corpus: forget the last one's searches
+        _SEARCHED.clear()
+        _SEARCHED.update(texts=tkey, low=[t.translate(_FOLD).lower() for t in texts],
+                         nocomma=[t.replace(",", "") for t in texts], rows={})
+    low, nocomma, cache = _SEARCHED["low"], _SEARCHED["nocomma"], _SEARCHED["rows"]
     for i, q in run.queries.iterrows():
         task = q["task"]
         if group_of(task) not in ("factual", "reasoning"):
