@@ -166,11 +166,11 @@ def _gradient_pass(model, modules, factors, qb, Q: int, db, D: int, wanted: List
     with contextlib.ExitStack() as stack:
         seen = stack.enter_context(_final_hidden(model)) if repsim else None
 
-        def sink(i, b, s, n):  # after each document batch's forward + backward: its scores, norms, hidden states
+        def sink(i, b, s, n):  # each document batch in order, once scored: its scores, norms, hidden states
             scores[:, b.index.numpy()] = s.numpy()
             norms[b.index.numpy()] = n.numpy()
-            if seen is not None:
-                d_means[b.index] = _masked_mean(seen.pop(), b.attention_mask)
+            if seen is not None:  # the oldest forward not yet taken is this batch's
+                d_means[b.index] = _masked_mean(seen.pop(0), b.attention_mask)
 
         influence.score_documents(model, modules, pq, db, D, sink=sink, progress=progress)
     split = {label: scores[k * Q:(k + 1) * Q] for k, (label, _) in enumerate(blocks)}

@@ -53,6 +53,9 @@ class Preset:
     fisher: str = field(default="sampled", metadata={"help": "sampled (true Fisher, the paper) or empirical"})
     query_rank: Union[str, int] = field(default="full", metadata={"help": "full or a rank r for query gradients"})
     batch_size: int = field(default=16, metadata={"help": "documents per forward/backward pass"})
+    max_batch_tokens: int = field(default=0, metadata={
+        "help": "padded tokens per batch, at most (0: no cap; the lab corpus's documents are short, and scoring 100 "
+                "full-rank queries runs about 5 % faster in uncapped batches of 16)"})
 
 
 PRESETS: Dict[str, Preset] = {
@@ -97,7 +100,7 @@ def prepare(preset: Preset, data_dir: Path, progress: bool = True) -> Dict[str, 
         queries = _scorable(world / f"queries-{name}.jsonl", dropped.setdefault(name, []))
         t0 = time.time()
         fit(FitConfig(model=model, corpus=str(world / "corpus.parquet"), fisher=preset.fisher, n_docs=preset.n_docs,
-                      batch_size=preset.batch_size), run, quiet=not progress)
+                      batch_size=preset.batch_size, max_batch_tokens=preset.max_batch_tokens), run, quiet=not progress)
         every = str(world / "corpus.parquet") if preset.score_all else None
         score(run, ScoreConfig(queries=queries, query_rank=preset.query_rank, corpus=every), quiet=not progress)
         t[f"fit_score_{name}"] = time.time() - t0

@@ -648,16 +648,30 @@ class ScoreOutput:
     per_token: Optional[List[Tensor]] = None  # D tensors (Q, T_d): token t's share g_tᵀ P a_t
 
 
+def contraction_group(n_queries: int) -> int:
+    """Documents whose gradients are contracted with the full-rank ``P`` together (see :func:`score_documents`).
+
+    Each contraction streams every layer's ``P`` (``Q × d_out × d_in``) from memory once, so contracting a few
+    documents at a time is memory-bound (on 2 CPU cores: 12 GFLOP/s at 4 documents, 120 at 64). Gathering up to
+    ``Q // 2`` documents (at most 64) keeps the gathered gradients within half of ``P``'s own memory."""
+    return max(1, min(64, n_queries // 2))
+
+
 def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: PreconditionedQueries,
                     batches: Sequence[Batch], n_docs: int, per_layer: bool = False, per_token: bool = False,
                     start: int = 0, sink: Optional[Callable[[int, Batch, Tensor, Tensor], None]] = None,
-                    progress: bool = True, replay: Optional[TokenCache] = None) -> ScoreOutput:
+                    progress: bool = True, replay: Optional[TokenCache] = None,
+                    group: Optional[int] = None) -> ScoreOutput:
     """One pass over the documents scoring all queries; the training loss is the documents' own next-token loss.
 
-    ``sink(i, batch, scores(Q,B), norms(B))`` receives each batch's results (the pipeline writes them to a
-    memory-mapped file); otherwise results are gathered in memory and returned. ``replay``: a :class:`TokenCache`
-    of these same batches under the same (empirical, next-token) loss, e.g. the fit's; its batches are scored
-    without running the model.
+    ``sink(i, batch, scores(Q,B), norms(B))`` receives each batch's results, in batch order (the pipeline writes
+    them to a memory-mapped file); otherwise results are gathered in memory and returned. ``replay``: a
+    :class:`TokenCache` of these same batches under the same (empirical, next-token) loss, e.g. the fit's; its
+    batches are scored without running the model.
+
+    Full-rank layers: each document's gradient ``G_z`` is formed per batch, and the gradients of ``group``
+    documents (default :func:`contraction_group`; batches are never split) are contracted with ``P`` in one
+    product, after which their batches go to ``sink``.
     """
     names = list(modules)
     Q = pq.n_queries
@@ -666,10 +680,12 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     norms = torch.zeros(n_docs if keep else 0, dtype=torch.float64)
     layer_scores = torch.zeros((Q, n_docs, len(names)), dtype=torch.float64) if per_layer else None
     token_scores: Optional[List[Tensor]] = [None] * n_docs if per_token else None  # type: ignore
-    acc: Dict[str, Tensor] = {}
     flat = {n: pq.full[n].reshape(Q, -1) for n in names if n in pq.full}
-
     dtype = next(iter({**pq.full, **pq.left}.values())).dtype  # the factors' dtype: float32 (float64 in tests)
+    group = group or contraction_group(Q)
+    acc: Dict[str, Tensor] = {}  # this batch's low-rank scores, norms and per-token scores
+    gathered: Dict[str, List[Tensor]] = {}  # per full-rank layer: the gathered batches' G, (B, d_out·d_in) each
+    waiting: List[dict] = []  # gathered batches, in order: index, batch, partial scores (Q, B), norms, layers
 
     def callback(name, a, g):
         B = a.shape[0]
@@ -678,40 +694,66 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         acc.setdefault("norm2", torch.zeros(B, dtype=torch.float64, device=a.device))
         acc["norm2"] += torch.linalg.vector_norm(G.reshape(B, -1), dim=1).to(torch.float64).square()
         if name in pq.full:
-            s = flat[name] @ G.reshape(B, -1).T  # (Q, B)
+            gathered.setdefault(name, []).append(G.reshape(B, -1))
         else:
             L, R = pq.left[name], pq.right[name]
             gl = torch.einsum("bto,qor->qbtr", g, L)
             ar = torch.einsum("qri,bti->qbtr", R, a)
-            s = (gl * ar).sum((2, 3))
-        acc.setdefault("scores", torch.zeros((Q, B), dtype=torch.float64, device=a.device))
-        acc["scores"] += s.to(torch.float64)
-        if per_layer:
-            acc[f"layer:{name}"] = s.to(torch.float64)
+            s = (gl * ar).sum((2, 3)).to(torch.float64)
+            acc.setdefault("scores", torch.zeros((Q, B), dtype=torch.float64, device=a.device))
+            acc["scores"] += s
+            if per_layer:
+                acc[f"layer:{name}"] = s
         if per_token:
             P = pq.layer(name)
             t = torch.einsum("bto,qoi,bti->qbt", g, P, a).to(torch.float64)
             acc["tokens"] = t if "tokens" not in acc else acc["tokens"] + t
 
+    def flush():
+        """Contract the gathered gradients with ``P`` and hand every waiting batch its scores, in order."""
+        if not waiting:
+            return
+        sizes = [len(w["batch"].index) for w in waiting]
+        for name, parts in gathered.items():
+            s = (flat[name] @ torch.cat(parts).T).to(torch.float64)  # (Q, gathered documents)
+            for w, part in zip(waiting, torch.split(s, sizes, dim=1)):
+                w["scores"] += part
+                if per_layer:
+                    w["layers"][name] = part
+        gathered.clear()
+        for w in waiting:
+            b, idx = w["batch"], w["batch"].index.cpu()
+            s, n = w["scores"].cpu(), w["norms"].cpu()
+            if keep:
+                scores[:, idx] = s
+                norms[idx] = n
+            else:
+                sink(w["i"], b, s, n)
+            if per_layer:
+                for j, name in enumerate(names):
+                    layer_scores[:, idx, j] = w["layers"][name].cpu()
+        waiting.clear()
+
     def after(i, b, _losses):
-        idx = b.index.cpu()
-        s, n = acc.pop("scores").cpu(), acc.pop("norm2").sqrt().cpu()
-        if keep:
-            scores[:, idx] = s
-            norms[idx] = n
-        else:
-            sink(i, b, s, n)
+        B = len(b.index)
+        w = {"i": i, "batch": b, "norms": acc.pop("norm2").sqrt(),
+             "scores": acc.pop("scores", None), "layers": {}}
+        if w["scores"] is None:
+            w["scores"] = torch.zeros((Q, B), dtype=torch.float64, device=w["norms"].device)
         if per_layer:
-            for j, name in enumerate(names):
-                layer_scores[:, idx, j] = acc.pop(f"layer:{name}").cpu()
+            w["layers"] = {n[len("layer:"):]: v for n, v in acc.items() if n.startswith("layer:")}
         if per_token:
             t = acc.pop("tokens").cpu()
-            for r, d in enumerate(idx.tolist()):
+            for r, d in enumerate(b.index.cpu().tolist()):
                 token_scores[d] = t[:, r, : int(b.attention_mask[r].sum())]
         acc.clear()
+        waiting.append(w)
+        if sum(len(x["batch"].index) for x in waiting) >= group or i == len(batches) - 1:
+            flush()
 
     run_pass(model, modules, batches, callback, lambda b: token_losses(model, b, "empirical"), "scoring documents",
              start=start, after_batch=after, progress=progress, replay=replay)
+    flush()
     return ScoreOutput(scores, norms, layer_scores, token_scores)
 
 

@@ -50,6 +50,32 @@ def test_document_order_does_not_matter(setup):
     torch.testing.assert_close(s_perm, s[:, perm], rtol=1e-6, atol=1e-10)
 
 
+@pytest.mark.parametrize("rank", [None, 3])  # full rank: gathered and contracted together; rank 3: per batch
+def test_contracting_documents_in_groups_changes_nothing(setup, rank):
+    """However many documents' gradients are contracted with P at once, every score, norm and per-layer score is
+    the same, and a sink sees every batch once, in order."""
+    model, mods, docs, queries = setup
+    factors = influence.fit_factors(model, mods, make_batches(docs, 4, 0), fisher="empirical", progress=False)
+    pq, _ = influence.preconditioned_queries(model, mods, factors, make_batches(queries, 4, 0), len(queries.ids),
+                                             rank=rank, progress=False)
+    batches = make_batches(docs, 4, 0)  # 5 batches, the last one short
+    ref = influence.score_documents(model, mods, pq, batches, len(docs.ids), per_layer=True, progress=False, group=1)
+    for group in (3, 9, 64):
+        out = influence.score_documents(model, mods, pq, batches, len(docs.ids), per_layer=True, progress=False,
+                                        group=group)
+        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-12, atol=0)
+        seen = []
+        influence.score_documents(model, mods, pq, batches, len(docs.ids), progress=False, group=group,
+                                  sink=lambda i, b, sc, n: seen.append((i, sc.clone())))
+        assert [i for i, _ in seen] == list(range(len(batches)))
+        for i, sc in seen:
+            torch.testing.assert_close(sc, ref.scores[:, batches[i].index], rtol=1e-12, atol=0)
+    assert influence.contraction_group(100) == 50 and influence.contraction_group(1000) == 64
+    assert influence.contraction_group(1) == 1
+
+
 def test_sampled_and_empirical_fisher_differ(setup):
     model, mods, docs, queries = setup
     fe, _, _ = run(model, mods, docs, queries, batch_size=5, fisher="empirical")
