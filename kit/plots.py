@@ -34,15 +34,22 @@ def eigenvalue_spectra(factors: Dict, max_layers: int = 12):
 
 def score_distributions(scores: pd.DataFrame, queries: pd.DataFrame, kind: str = "per_nat"):
     """Per task: the distribution of scores over documents (symmetric log scale), all queries pooled."""
-    long = scores.reset_index().melt(id_vars=scores.index.name or "query", var_name="document", value_name="score")
-    long = long.rename(columns={scores.index.name or "query": "id"}).merge(queries[["id", "task"]], on="id")
+    task_of = dict(zip(queries["id"].astype(str), queries["task"]))
+    values = scores.to_numpy(dtype=np.float64)
+    tasks = np.array([task_of.get(str(q)) for q in scores.index], dtype=object)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    top = float(np.abs(long["score"]).max()) or 1.0
-    lin = max(float(np.abs(long["score"]).quantile(0.05)), top * 1e-6)  # linear region: the smallest 5 %
+    mags = np.abs(values[[t is not None for t in tasks]]).ravel()
+    top = float(mags.max()) if mags.size else 1.0
+    top = top or 1.0
+    lin = max(float(np.quantile(mags, 0.05)) if mags.size else 0.0, top * 1e-6)  # linear region: the smallest 5 %
     edges = np.geomspace(lin, top * 1.001, 25)
     bins = np.concatenate([-edges[::-1], [0.0], edges])  # bins equally wide on the symlog axis
-    sns.histplot(long, x="score", hue="task", element="step", stat="probability", common_norm=False, bins=bins, ax=ax)
+    for task in [t for t in dict.fromkeys(queries["task"]) if (tasks == t).any()]:
+        counts, _ = np.histogram(values[tasks == task].ravel(), bins=bins)
+        ax.stairs(counts / max(counts.sum(), 1), bins, label=task, color=TASK_COLORS.get(task), lw=1.2)
+    ax.legend(title="task", fontsize=8)
     ax.set_xscale("symlog", linthresh=lin)
+    ax.set_ylabel("probability (per task)")
     ax.set_xlabel(f"influence score ({kind})")
     ax.set_title("Influence of every document on each query, by task")
     fig.tight_layout()
@@ -125,7 +132,9 @@ def cumulative_curves(curves: Dict[str, pd.DataFrame], ylabel: str, title: str, 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.4), squeeze=False, sharey=True)
     for ax, (name, df) in zip(axes[0], curves.items()):
         df = df[df["group"].isin(["factual", "reasoning"])]
-        sns.lineplot(df, x="percentile", y="influence", hue="group", errorbar=("ci", 95), ax=ax,
+        # mean ± 1.96 standard errors over the group's queries (deterministic; a bootstrap band per percentile
+        # took seconds per panel and was redrawn at random on every run)
+        sns.lineplot(df, x="percentile", y="influence", hue="group", errorbar=("se", 1.96), ax=ax,
                      palette={g: TASK_COLORS[g] for g in df["group"].unique()})
         ax.set_xlabel("top-k percentile of the ranking")
         ax.set_ylabel(ylabel)
@@ -197,7 +206,7 @@ def fact_doc_ranks(gt: pd.DataFrame, n_docs: Dict[str, int]):
 
 def procedure_shares(df: pd.DataFrame, k: int):
     """Share of the top k documents demonstrating the query's procedure, vs the base rate (dashed), per model."""
-    g = sns.catplot(df, x="task", y="share", hue="method", col="model", kind="bar", errorbar=("ci", 95), height=3.2,
+    g = sns.catplot(df, x="task", y="share", hue="method", col="model", kind="bar", errorbar=("ci", 95), seed=0, height=3.2,
                     aspect=1.1)
     for ax, (m, part) in zip(g.axes.flat, df.groupby("model", sort=False)):
         for i, t in enumerate(part["task"].unique()):

@@ -33,6 +33,20 @@ def ranking(placements: dict, seed: int) -> np.ndarray:
     return (D - rank).astype(float)
 
 
+def test_the_answer_search_is_remembered_per_corpus_only():
+    """The search results kept between calls belong to one corpus: other texts are searched afresh."""
+    run = planted_fig3_run()
+    first = answers.answer_ranks(run).set_index("query")
+    changed = run.documents.copy()
+    changed.loc[10, "text"] = "No capital is named here."  # Paris (query q000, rank 1) is gone
+    other = answers.answer_ranks(FD.from_arrays(run.scores, list(run.tasks), texts=list(changed["text"]),
+                                                prompt=list(run.queries["prompt"]), answer=list(run.queries["answer"]),
+                                                correct=list(run.queries["correct"]))).set_index("query")
+    assert first.loc["q000", "rank_found"] == 1 and other.loc["q000", "rank_found"] is None
+    again = answers.answer_ranks(run).set_index("query")
+    pd.testing.assert_frame_equal(again, first)
+
+
 def planted_fig3_run():
     """Factual answers, arithmetic and slope step answers planted at known ranks in correct and wrong queries.
 

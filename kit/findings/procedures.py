@@ -16,8 +16,9 @@ reasoning task, among its queries' top k) and scored against the lab labels by :
 
 from __future__ import annotations
 
+import hashlib
 import re
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -78,12 +79,29 @@ def procedure_of(text: str) -> str:
     return ""
 
 
+#: Rule results for the last corpus characterised (keyed by a hash of its texts): both lab models score the same
+#: corpus, and the summary, the per-query view and the keyword counts all characterise every document.
+_CHARACTERISED: Dict[str, object] = {}
+
+
+def _per_corpus(texts: List, kind: str, compute):
+    """``compute(texts)``, remembered for the last corpus seen (the rules are pure functions of the text)."""
+    key = hashlib.blake2b("\x00".join("" if t is None or (isinstance(t, float) and t != t) else str(t)
+                                      for t in texts).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    if _CHARACTERISED.get("key") != key:
+        _CHARACTERISED.clear()
+        _CHARACTERISED["key"] = key
+    if kind not in _CHARACTERISED:
+        _CHARACTERISED[kind] = compute(texts)
+    return _CHARACTERISED[kind]
+
+
 def document_procedures(run: RunData) -> pd.DataFrame:
     """Per document: ``label`` (the corpus's ``procedure`` column, if any) and ``rules`` (:func:`procedure_of`)."""
     docs = run.documents
     out = pd.DataFrame({"id": docs["id"]})
     out["label"] = docs["procedure"].fillna("").astype(str) if "procedure" in docs.columns else None
-    cats = [characterise(t) for t in docs["text"]]
+    cats = _per_corpus(list(docs["text"]), "characterise", lambda texts: [characterise(t) for t in texts])
     out["rules"] = [next((t for t in ("slope", "linear", "arithmetic") if c[t]), "") for c in cats]
     out["code"] = [c["code"] for c in cats]
     out["maths"] = [c["maths"] for c in cats]
@@ -226,6 +244,10 @@ def keyword_features(texts) -> pd.DataFrame:
     """
     if isinstance(texts, str):
         raise InputError("keyword_features needs a list of texts, not one string")
+    return _per_corpus(list(texts), "keyword_features", _keyword_features).copy()
+
+
+def _keyword_features(texts) -> pd.DataFrame:
     rows = []
     for t in texts:
         t = "" if t is None or (isinstance(t, float) and t != t) else str(t)
