@@ -129,9 +129,9 @@ def _scorable(path: Path, dropped: list) -> str:
 
 
 #: Seconds each notebook took on the lab preset (one run): the longest start first when they run side by side.
-NOTEBOOK_SECONDS = {"05_f3_answers.ipynb": 48, "04_f2_magnitude.ipynb": 38, "06_f4_procedures.ipynb": 36,
-                    "07_f5_sources.ipynb": 26, "02_fit_and_score.ipynb": 24, "03_f1_correlations.ipynb": 22,
-                    "08_explorer.ipynb": 8, "01_world_and_queries.ipynb": 4}
+NOTEBOOK_SECONDS = {"07_f5_sources.ipynb": 28, "03_f1_correlations.ipynb": 25, "04_f2_magnitude.ipynb": 20,
+                    "06_f4_procedures.ipynb": 20, "05_f3_answers.ipynb": 17, "02_fit_and_score.ipynb": 16,
+                    "08_explorer.ipynb": 13, "01_world_and_queries.ipynb": 9}
 
 
 def run_notebooks(ctx: Dict[str, object], figures_dir: Path, preset: str, notebooks: List[str] = NOTEBOOKS,
