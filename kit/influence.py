@@ -201,7 +201,7 @@ class TokenCache:
             self._file = tempfile.NamedTemporaryFile(prefix="token-cache-", suffix=".bin", dir=directory)
             self._end = 0
             # one I/O thread writes batch i while the model runs batch i+1, and reads a layer's part while the one
-            # before it is replayed (file reads and writes release the GIL); one write and one read in flight
+            # before it is replayed (file reads and writes release the GIL); a few writes and one read in flight
             self._io = ThreadPoolExecutor(1, thread_name_prefix="token-cache")
             self._writing: "collections.deque" = collections.deque()  # (future, bytes) of writes in flight
             self._in_flight = 0
@@ -219,8 +219,8 @@ class TokenCache:
 
     def record(self, callback):
         """Wrap a hook callback so that it also remembers what it was given. Spilled to a file, each layer's part is
-        written as soon as the hook hands it over (one write in flight), so the process never holds a whole batch of
-        parts waiting for the disk; in memory, the parts wait for :meth:`commit`."""
+        written as soon as the hook hands it over (at most ``WRITE_AHEAD_BYTES`` queued), so the process never holds
+        a whole batch of parts waiting for the disk; in memory, the parts wait for :meth:`commit`."""
         def wrapped(name: str, a: Tensor, g: Tensor) -> None:
             callback(name, a, g)
             if self.full:
