@@ -23,7 +23,6 @@ Two views of the search:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,7 +33,7 @@ from scipy import stats
 
 from ..queries import REASONING, _fmt, parse_instance, true_answer
 from ..errors import InputError
-from .data import TASK_ORDER, RunData, as_list, group_of, k_from_fraction
+from .data import TASK_ORDER, RunData, as_list, group_of, k_from_fraction, per_corpus, text_of
 
 _LINK = r"\s*(?:=|==|is|equals|gives|makes|->|→|#)\s*"
 _OPS = {"+": r"\+", "-": r"[-−–]", "*": r"(?:\*|×|x|·|times)", "/": r"(?:/|÷|divided by)"}
@@ -222,11 +221,6 @@ def _prefilter(target_label: str, pattern: re.Pattern, texts: Sequence[str], low
     return np.ones(len(texts), dtype=bool)
 
 
-#: The documents of the last corpus searched (keyed by a hash of their texts) and each target's search result over
-#: them: both lab models score the same corpus, and Fig. 3's summary and its rank curves search the same targets.
-_SEARCHED: Dict[str, object] = {}
-
-
 def _hit_rows(run: RunData, texts: Optional[Sequence[str]] = None):
     """Yield ``(row, query, targets, hits)`` for every factual or reasoning query with targets.
 
@@ -234,14 +228,10 @@ def _hit_rows(run: RunData, texts: Optional[Sequence[str]] = None):
     searched once per corpus (also across runs and calls), and a substring prefilter skips documents that cannot
     match.
     """
-    texts = ["" if x is None or (isinstance(x, float) and x != x) else str(x)
-             for x in (texts if texts is not None else run.documents["text"])]
-    tkey = hashlib.blake2b("\x00".join(texts).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-    if _SEARCHED.get("texts") != tkey:  # another corpus: forget the last one's searches
-        _SEARCHED.clear()
-        _SEARCHED.update(texts=tkey, low=[t.translate(_FOLD).lower() for t in texts],
-                         nocomma=[t.replace(",", "") for t in texts], rows={})
-    low, nocomma, cache = _SEARCHED["low"], _SEARCHED["nocomma"], _SEARCHED["rows"]
+    texts = [text_of(x) for x in (texts if texts is not None else run.documents["text"])]
+    memo = per_corpus(texts, "answers", lambda: {"low": [t.translate(_FOLD).lower() for t in texts],
+                                                 "nocomma": [t.replace(",", "") for t in texts], "searched": {}})
+    low, nocomma, cache = memo["low"], memo["nocomma"], memo["searched"]  # searched: each target's hits
     for i, q in run.queries.iterrows():
         task = q["task"]
         if group_of(task) not in ("factual", "reasoning"):

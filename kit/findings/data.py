@@ -6,10 +6,11 @@ A run directory (``kit fit`` + ``kit score``) is enough; the lab world's ground-
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -115,6 +116,27 @@ def pair_runs(a: RunData, b: RunData) -> tuple[List[int], List[int], np.ndarray,
     ca = np.array([c[0] for c in cols], dtype=int)
     cb = np.array([c[1] for c in cols], dtype=int)
     return rows_a, rows_b, ca, cb
+
+
+#: Results that are pure functions of a corpus's texts, for the last corpus seen (both lab models score the same
+#: corpus, and several views of one finding search or characterise the same documents).
+_CORPUS: Dict[str, object] = {"key": None, "memo": {}}
+
+
+def text_of(x) -> str:
+    """A document's text as a string (``""`` for a missing one)."""
+    return "" if x is None or (isinstance(x, float) and x != x) else str(x)
+
+
+def per_corpus(texts: Sequence[str], kind: str, compute: Callable[[], object]):
+    """``compute()``, remembered under ``kind`` until texts other than ``texts`` are seen (keyed by their hash)."""
+    key = hashlib.blake2b("\x00".join(texts).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    if _CORPUS["key"] != key:
+        _CORPUS.update(key=key, memo={})
+    memo = _CORPUS["memo"]
+    if kind not in memo:
+        memo[kind] = compute()
+    return memo[kind]
 
 
 def k_from_fraction(fraction: float, n: int) -> int:

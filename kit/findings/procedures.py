@@ -16,9 +16,8 @@ reasoning task, among its queries' top k) and scored against the lab labels by :
 
 from __future__ import annotations
 
-import hashlib
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,7 @@ from scipy import stats
 
 from ..errors import InputError
 from ..queries import REASONING
-from .data import RunData, k_from_fraction
+from .data import RunData, k_from_fraction, per_corpus, text_of
 
 _N = r"-?\d+"
 _CODE = re.compile(r"^\s*(?:def |return\b|class |import |from \S+ import|for .* in .*:|if .*:\s*$|print\(|"
@@ -79,29 +78,13 @@ def procedure_of(text: str) -> str:
     return ""
 
 
-#: Rule results for the last corpus characterised (keyed by a hash of its texts): both lab models score the same
-#: corpus, and the summary, the per-query view and the keyword counts all characterise every document.
-_CHARACTERISED: Dict[str, object] = {}
-
-
-def _per_corpus(texts: List, kind: str, compute):
-    """``compute(texts)``, remembered for the last corpus seen (the rules are pure functions of the text)."""
-    key = hashlib.blake2b("\x00".join("" if t is None or (isinstance(t, float) and t != t) else str(t)
-                                      for t in texts).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-    if _CHARACTERISED.get("key") != key:
-        _CHARACTERISED.clear()
-        _CHARACTERISED["key"] = key
-    if kind not in _CHARACTERISED:
-        _CHARACTERISED[kind] = compute(texts)
-    return _CHARACTERISED[kind]
-
-
 def document_procedures(run: RunData) -> pd.DataFrame:
     """Per document: ``label`` (the corpus's ``procedure`` column, if any) and ``rules`` (:func:`procedure_of`)."""
     docs = run.documents
     out = pd.DataFrame({"id": docs["id"]})
     out["label"] = docs["procedure"].fillna("").astype(str) if "procedure" in docs.columns else None
-    cats = _per_corpus(list(docs["text"]), "characterise", lambda texts: [characterise(t) for t in texts])
+    texts = list(docs["text"])
+    cats = per_corpus([text_of(t) for t in texts], "characterise", lambda: [characterise(t) for t in texts])
     out["rules"] = [next((t for t in ("slope", "linear", "arithmetic") if c[t]), "") for c in cats]
     out["code"] = [c["code"] for c in cats]
     out["maths"] = [c["maths"] for c in cats]
@@ -244,7 +227,8 @@ def keyword_features(texts) -> pd.DataFrame:
     """
     if isinstance(texts, str):
         raise InputError("keyword_features needs a list of texts, not one string")
-    return _per_corpus(list(texts), "keyword_features", _keyword_features).copy()
+    texts = list(texts)
+    return per_corpus([text_of(t) for t in texts], "keyword_features", lambda: _keyword_features(texts)).copy()
 
 
 def _keyword_features(texts) -> pd.DataFrame:
