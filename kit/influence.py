@@ -179,7 +179,8 @@ class TokenCache:
     in ``directory`` and read back batch by batch, so that the process holds one batch at a time and the operating
     system's page cache (or the disk) holds the rest — on a CPU, reading a batch back is many times cheaper than
     recomputing it. Tensors are kept in the dtype the hooks gave them (the model's), so a replay is bit-identical.
-    The file is deleted by :meth:`close` (or when the cache is garbage-collected).
+    The file has no name (it is unlinked as it is made); its space is freed by :meth:`close`, when the cache is
+    garbage-collected, or when the process ends, however it ends.
     """
 
     def __init__(self, budget_bytes: float, directory: Optional[Union[str, "os.PathLike"]] = None):
@@ -198,7 +199,9 @@ class TokenCache:
             import weakref
             from concurrent.futures import ThreadPoolExecutor
 
-            self._file = tempfile.NamedTemporaryFile(prefix="token-cache-", suffix=".bin", dir=directory)
+            # nameless (unlinked at once): nothing is left behind however the process ends, killed or not
+            self._file = tempfile.TemporaryFile(prefix="token-cache-", suffix=".bin", dir=directory)
+            self._directory = str(directory)
             self._end = 0
             # one I/O thread writes batch i while the model runs batch i+1, and reads a layer's part while the one
             # before it is replayed (file reads and writes release the GIL); a few writes and one read in flight
@@ -317,7 +320,7 @@ class TokenCache:
         buf = self._buffer(size)
         n = os.preadv(self._file.fileno(), [buf[:size]], offsets[j]) if size else 0
         if n < size:
-            raise IOError(f"token cache {self._file.name}: read {n} of {size} bytes of batch {i}, layer {layout[j][0]}")
+            raise IOError(f"token cache in {self._directory}: read {n} of {size} bytes of batch {i}, layer {layout[j][0]}")
         return buf
 
     def _buffer(self, size: int) -> np.ndarray:
@@ -367,7 +370,7 @@ def _close_spill(file, io) -> None:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _as_bytes(t: Tensor) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -401,3 +402,39 @@ def test_paper_reasoning_completions_grade_as_a_careful_human(prompt, completion
     else:
         assert g["extracted"] == extracted
     assert g["correct"] is correct
+
+
+@pytest.mark.parametrize("ungraded", [False, True])
+def test_the_kit_command_prints_everything_and_keeps_its_exit_status(tmp_path, ungraded):
+    """``python -m kit`` ends the process at once after the command (``kit.cli.run``): what it printed must all
+    arrive (more than a pipe's buffer here) and the exit status must be the command's."""
+    import subprocess
+    import sys
+
+    rows = [{"id": f"r{i}", "prompt": ARITH, "completion": "The answer is 21."} for i in range(3000)]
+    if ungraded:
+        rows.append({"id": "x", "prompt": "Who wrote Hamlet?", "completion": "Shakespeare"})
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe is block-buffered then
+    p = subprocess.run([sys.executable, "-m", "kit", "grade", str(path)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    out = [json.loads(ln) for ln in p.stdout.splitlines()]
+    assert len(p.stdout) > 2**16 and len(out) == len(rows)
+    assert [o["id"] for o in out] == [r["id"] for r in rows] and all(o["correct"] for o in out[:3000])
+    assert p.returncode == (2 if ungraded else 0)
+    assert ("error:" in p.stderr) == ungraded
+
+
+def test_the_kit_command_flushes_what_it_printed(tmp_path):
+    """The last lines a command prints (plain ``print`` into a pipe, block-buffered) reach the caller."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe is block-buffered then
+    p = subprocess.run([sys.executable, "-m", "kit", "build-corpus", "--preset", "smoke", "--n-docs", "40",
+                        "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == f"corpus: {tmp_path / 'c' / 'corpus.parquet'} (40 documents)"
+    assert lines[1].startswith("sources: ") and sum(int(x.split()[-1]) for x in lines[1][9:].split(", ")) == 40
