@@ -441,8 +441,10 @@ def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
         rotated = f.to_eigenbasis(a, g)  # (B, d_out, d_in): each sequence's gradient in the eigenbasis
-        update = rotated.pow(2).sum(0)
-        f.Lambda = update if f.Lambda is None else f.Lambda + update
+        if f.Lambda is None:
+            f.Lambda = torch.zeros_like(rotated[0])
+        for r in rotated:  # Λ += r ⊙ r, one sequence at a time: no (B, d_out, d_in) temporary
+            f.Lambda.addcmul_(r, r)
 
     return callback
 

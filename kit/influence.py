@@ -296,12 +296,45 @@ class TokenCache:
         if i in self._mem:
             yield from self._mem[i]
             return
+        keys = [(i, j) for j in range(len(self._index[i][1]))]
+        for _, name, a, g in self._replay(keys, (i + 1, 0) if i + 1 in self._index else None, device):
+            yield name, a, g
+
+    def layers(self) -> List[str]:
+        """The cached layers, in the order the hooks gave them (the same in every batch)."""
+        first = next(iter(self._mem.values() if self._mem else self._index.values()), None)
+        if first is None:
+            return []
+        return [part[0] for part in first] if self._mem else [part[0] for part in first[1]]
+
+    def by_layer(self, batches: Sequence[int], device=None) -> Iterator[Tuple[int, str, Tensor, Tensor]]:
+        """``(batch, layer, a, g)`` of the given cached ``batches``, layer after layer: every batch's part of the
+        first layer, then of the second, and so on. A pass that works layer by layer keeps one layer's own
+        matrices (its eigenbases, its preconditioned queries) in the CPU cache while it goes through the batches,
+        instead of streaming every layer's from memory once per batch."""
+        names = self.layers()
+        for i in batches:
+            mine = [p[0] for p in self._mem[i]] if i in self._mem else [p[0] for p in self._index[i][1]]
+            if mine != names:
+                raise ValueError(f"token cache: batch {i} holds layers {mine}, not {names}")
+        if self._mem:
+            for j, name in enumerate(names):
+                for i in batches:
+                    _, a, g = self._mem[i][j]
+                    yield i, name, a, g
+            return
+        yield from self._replay([(i, j) for j in range(len(names)) for i in batches], None, device)
+
+    def _replay(self, keys: List[Tuple[int, int]], then: Optional[Tuple[int, int]], device
+                ) -> Iterator[Tuple[int, str, Tensor, Tensor]]:
+        """``(batch, layer, a, g)`` of each spilled part ``(batch, layer index)`` in ``keys``, in order; each part
+        is read while the one before it is replayed, and ``then`` (if given) after the last."""
         self._wait_for_write()
-        offsets, layout = self._index[i]
-        for j, (name, da, sa, dg, sg) in enumerate(layout):
-            key = (i, j)
+        for n, key in enumerate(keys):
+            i, j = key
+            name, da, sa, dg, sg = self._index[i][1][j]
             buf = self._ahead[1].result() if self._ahead is not None and self._ahead[0] == key else self._read(key)
-            nxt = (i, j + 1) if j + 1 < len(layout) else (i + 1, 0) if i + 1 in self._index else None
+            nxt = keys[n + 1] if n + 1 < len(keys) else then
             self._ahead = (nxt, self._io.submit(self._read, nxt)) if nxt is not None else None
             tensors, pos = [], 0
             for dt, shape in ((da, sa), (dg, sg)):
@@ -311,7 +344,7 @@ class TokenCache:
                 tensors.append(t.to(device) if device is not None else t)
                 pos += count * _itemsize(dt)
             del buf
-            yield name, tensors[0], tensors[1]
+            yield i, name, tensors[0], tensors[1]
 
     def _read(self, key: Tuple[int, int]) -> np.ndarray:
         i, j = key
@@ -670,11 +703,13 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     ``sink(i, batch, scores(Q,B), norms(B))`` receives each batch's results, in batch order (the pipeline writes
     them to a memory-mapped file); otherwise results are gathered in memory and returned. ``replay``: a
     :class:`TokenCache` of these same batches under the same (empirical, next-token) loss, e.g. the fit's; its
-    batches are scored without running the model.
+    batches are scored without running the model, layer after layer (:meth:`TokenCache.by_layer`), so that each
+    layer's ``P`` stays in the CPU cache while every cached document meets it; the batches after the cached ones
+    run the model.
 
-    Full-rank layers: each document's gradient ``G_z`` is formed per batch, and the gradients of ``group``
-    documents (default :func:`contraction_group`; batches are never split) are contracted with ``P`` in one
-    product, after which their batches go to ``sink``.
+    Full-rank layers: each document's gradient ``G_z = Σ_t g_t a_tᵀ`` is formed per batch, and the gradients of
+    ``group`` documents (default :func:`contraction_group`; batches are never split) are contracted with ``P`` in
+    one product ``P Gᵀ``.
     """
     names = list(modules)
     Q = pq.n_queries
@@ -686,30 +721,60 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     flat = {n: pq.full[n].reshape(Q, -1) for n in names if n in pq.full}
     dtype = next(iter({**pq.full, **pq.left}.values())).dtype  # the factors' dtype: float32 (float64 in tests)
     group = group or contraction_group(Q)
+
+    def layer_terms(name: str, a: Tensor, g: Tensor):
+        """One layer of one batch: ``(G (B, d_out·d_in) to contract with P, or None; ‖G_z‖² (B,);
+        low-rank scores (Q, B), or None)``."""
+        B = a.shape[0]
+        a, g = a.to(dtype), g.to(dtype)
+        G = torch.bmm(g.transpose(1, 2), a).reshape(B, -1)  # each document's gradient of this layer
+        norm2 = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
+        if name in pq.full:
+            return G, norm2, None
+        L, R = pq.left[name], pq.right[name]
+        gl = torch.einsum("bto,qor->qbtr", g, L)
+        ar = torch.einsum("qri,bti->qbtr", R, a)
+        return None, norm2, (gl * ar).sum((2, 3)).to(torch.float64)
+
+    def deliver(i: int, b: Batch, s: Tensor, n: Tensor, layers: Dict[str, Tensor]) -> None:
+        idx = b.index.cpu()
+        s, n = s.cpu(), n.cpu()
+        if keep:
+            scores[:, idx] = s
+            norms[idx] = n
+        else:
+            sink(i, b, s, n)
+        if per_layer:
+            for j, name in enumerate(names):
+                layer_scores[:, idx, j] = layers[name].cpu()
+
+    cached = []  # the batches from `start` on that the replay holds (the cache keeps a prefix of the batches)
+    if replay is not None and not per_token:
+        while start + len(cached) < len(batches) and start + len(cached) in replay:
+            cached.append(start + len(cached))
+    if cached:
+        device = next(iter({**pq.full, **pq.left}.values())).device
+        _score_by_layer(replay, cached, batches, Q, flat, group, layer_terms, deliver, per_layer, progress, device)
+        start = cached[-1] + 1
+    if start >= len(batches):
+        return ScoreOutput(scores, norms, layer_scores, token_scores)
+
     acc: Dict[str, Tensor] = {}  # this batch's low-rank scores, norms and per-token scores
     gathered: Dict[str, List[Tensor]] = {}  # per full-rank layer: the gathered batches' G, (B, d_out·d_in) each
     waiting: List[dict] = []  # gathered batches, in order: index, batch, partial scores (Q, B), norms, layers
 
     def callback(name, a, g):
-        B = a.shape[0]
-        a, g = a.to(dtype), g.to(dtype)
-        G = torch.bmm(g.transpose(1, 2), a)  # (B, d_out, d_in) per-document gradient of this layer
-        acc.setdefault("norm2", torch.zeros(B, dtype=torch.float64, device=a.device))
-        acc["norm2"] += torch.linalg.vector_norm(G.reshape(B, -1), dim=1).to(torch.float64).square()
-        if name in pq.full:
-            gathered.setdefault(name, []).append(G.reshape(B, -1))
+        G, norm2, s = layer_terms(name, a, g)
+        acc["norm2"] = norm2 if "norm2" not in acc else acc["norm2"] + norm2
+        if G is not None:
+            gathered.setdefault(name, []).append(G)
         else:
-            L, R = pq.left[name], pq.right[name]
-            gl = torch.einsum("bto,qor->qbtr", g, L)
-            ar = torch.einsum("qri,bti->qbtr", R, a)
-            s = (gl * ar).sum((2, 3)).to(torch.float64)
-            acc.setdefault("scores", torch.zeros((Q, B), dtype=torch.float64, device=a.device))
-            acc["scores"] += s
+            acc["scores"] = s if "scores" not in acc else acc["scores"] + s
             if per_layer:
                 acc[f"layer:{name}"] = s
         if per_token:
             P = pq.layer(name)
-            t = torch.einsum("bto,qoi,bti->qbt", g, P, a).to(torch.float64)
+            t = torch.einsum("bto,qoi,bti->qbt", g.to(dtype), P, a.to(dtype)).to(torch.float64)
             acc["tokens"] = t if "tokens" not in acc else acc["tokens"] + t
 
     def flush():
@@ -725,16 +790,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
                     w["layers"][name] = part
         gathered.clear()
         for w in waiting:
-            b, idx = w["batch"], w["batch"].index.cpu()
-            s, n = w["scores"].cpu(), w["norms"].cpu()
-            if keep:
-                scores[:, idx] = s
-                norms[idx] = n
-            else:
-                sink(w["i"], b, s, n)
-            if per_layer:
-                for j, name in enumerate(names):
-                    layer_scores[:, idx, j] = w["layers"][name].cpu()
+            deliver(w["i"], w["batch"], w["scores"], w["norms"], w["layers"])
         waiting.clear()
 
     def after(i, b, _losses):
@@ -758,6 +814,60 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
              start=start, after_batch=after, progress=progress, replay=replay)
     flush()
     return ScoreOutput(scores, norms, layer_scores, token_scores)
+
+
+def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batch], Q: int, flat: Dict[str, Tensor],
+                    group: int, layer_terms, deliver, per_layer: bool, progress: bool, device) -> None:
+    """:func:`score_documents` over the ``cached`` batches, replayed layer after layer. The partial scores of the
+    replayed documents (``Q`` per document, a sliver of the cache's own size) are held until every layer is done;
+    then each batch goes to ``deliver`` in order."""
+    sizes = [len(batches[i].index) for i in cached]
+    offset = dict(zip(cached, np.cumsum([0] + sizes[:-1]).tolist()))
+    n = sum(sizes)
+    s_all = torch.zeros((Q, n), dtype=torch.float64, device=device)
+    n2_all = torch.zeros(n, dtype=torch.float64, device=device)
+    layers: Dict[str, Tensor] = {}
+    gathered: List[Tensor] = []  # one layer's G of consecutive batches, from document `first` on
+    first, current = 0, None
+
+    def contract():
+        nonlocal first
+        if gathered:
+            G = torch.cat(gathered) if len(gathered) > 1 else gathered[0]
+            s = (flat[current] @ G.T).to(torch.float64)
+            s_all[:, first:first + G.shape[0]] += s
+            if per_layer:
+                layers[current][:, first:first + G.shape[0]] = s
+            gathered.clear()
+
+    bar = tqdm(total=len(cached) * len(cache.layers()), desc="scoring documents (cached)", disable=not progress)
+    for i, name, a, g in cache.by_layer(cached, device):
+        if name != current:
+            contract()
+            current = name
+            if per_layer:
+                layers[name] = torch.zeros((Q, n), dtype=torch.float64, device=device)
+        o, B = offset[i], a.shape[0]
+        G, norm2, s = layer_terms(name, a, g)
+        n2_all[o:o + B] += norm2
+        if G is not None:
+            if not gathered:
+                first = o
+            gathered.append(G)
+            if sum(x.shape[0] for x in gathered) >= group:
+                contract()
+        else:
+            s_all[:, o:o + B] += s
+            if per_layer:
+                layers[name][:, o:o + B] = s
+        bar.update()
+    contract()
+    bar.close()
+    norms_all = n2_all.sqrt()
+    for i, B in zip(cached, sizes):
+        o = offset[i]
+        deliver(i, batches[i], s_all[:, o:o + B], norms_all[o:o + B],
+                {k: v[:, o:o + B] for k, v in layers.items()})
 
 
 def influence(model, modules, factors, query_batches, n_queries, doc_batches, n_docs, damping: Damping = "heuristic",

@@ -78,6 +78,69 @@ def test_contracting_documents_in_groups_changes_nothing(setup, rank):
     assert influence.contraction_group(1) == 1
 
 
+@pytest.mark.parametrize("where", ["memory", "disk"])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_scoring_replayed_layer_by_layer_equals_running_the_model(setup, rank, where, tmp_path):
+    """Scoring from the fit's token cache (layer after layer) gives the scores, norms and per-layer scores of the
+    pass that runs the model; with the cache holding only the first batches the rest run the model, a scoring
+    resumed at a later batch replays from there, and a sink sees every batch once, in order."""
+    model, mods, docs, queries = setup
+    batches = make_batches(docs, 4, 0)  # 5 batches
+    n = len(docs.ids)
+    for budget in (1e9, 3e5):  # every batch cached; the first ones only
+        cache = influence.TokenCache(budget, directory=tmp_path if where == "disk" else None)
+        factors = influence.fit_factors(model, mods, batches, fisher="empirical", progress=False, cache=cache)
+        held = [i for i in range(len(batches)) if i in cache]
+        assert held == list(range(len(held))) and (len(held) == len(batches)) == (budget == 1e9) and held
+        pq, _ = influence.preconditioned_queries(model, mods, factors, make_batches(queries, 4, 0),
+                                                 len(queries.ids), rank=rank, progress=False)
+        ref = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False)
+        calls = []
+        handle = model.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            out = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False,
+                                            replay=cache)
+        finally:
+            handle.remove()
+        assert len(calls) == len(batches) - len(held)  # only the batches the cache does not hold ran the model
+        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-12, atol=0)
+        seen = []
+        influence.score_documents(model, mods, pq, batches, n, progress=False, replay=cache, start=2,
+                                  sink=lambda i, b, sc, nm: seen.append((i, sc.clone(), nm.clone())))
+        assert [i for i, _, _ in seen] == list(range(2, len(batches)))
+        for i, sc, nm in seen:
+            torch.testing.assert_close(sc, ref.scores[:, batches[i].index], rtol=1e-12, atol=0)
+            torch.testing.assert_close(nm, ref.doc_grad_norm[batches[i].index], rtol=1e-12, atol=0)
+        cache.close()
+
+
+def test_token_cache_replays_layer_by_layer(tmp_path):
+    """``by_layer`` hands over every batch's part of one layer before the next layer, the same tensors ``get``
+    gives, from memory or from the spill file."""
+    g = torch.Generator().manual_seed(0)
+    for directory in (None, tmp_path):
+        cache = influence.TokenCache(1e9, directory=directory)
+        record = cache.record(lambda *_: None)
+        parts = {}
+        for i in range(3):
+            for name, d in (("up", 5), ("down", 3)):
+                a, gr = torch.randn(2, 4 + i, d, generator=g), torch.randn(2, 4 + i, 7 - d, generator=g)
+                record(name, a, gr)
+                parts[i, name] = (a, gr)
+            cache.commit(i)
+        assert cache.layers() == ["up", "down"]
+        got = [(i, name) for i, name, _, _ in cache.by_layer([0, 1, 2])]
+        assert got == [(0, "up"), (1, "up"), (2, "up"), (0, "down"), (1, "down"), (2, "down")]
+        for i, name, a, gr in cache.by_layer([1, 2]):
+            torch.testing.assert_close(a, parts[i, name][0], rtol=0, atol=0)
+            torch.testing.assert_close(gr, parts[i, name][1], rtol=0, atol=0)
+        for name, a, gr in cache.get(2):
+            torch.testing.assert_close(a, parts[2, name][0], rtol=0, atol=0)
+        cache.close()
+
+
 def test_sampled_and_empirical_fisher_differ(setup):
     model, mods, docs, queries = setup
     fe, _, _ = run(model, mods, docs, queries, batch_size=5, fisher="empirical")
