@@ -109,16 +109,22 @@ class TokenHooks:
     Parameter gradients are switched off while the hooks are installed: the backward pass then only computes
     what the hooks need (activation gradients from the loss down to the first tracked layer), which is what
     makes the scoring pass cost about one forward + backward.
+
+    Layers fed the very same input tensor in a forward (a Llama MLP's ``gate_proj`` and ``up_proj``; ``q/k/v_proj``)
+    are handed the very same ``a`` object, masked once. Consumers may rely on that identity to do the work on
+    ``a`` once (:func:`accumulate_covariances`, :func:`accumulate_lambda`, the token cache).
     """
 
     def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], callback: Callable[[str, Tensor, Tensor], None]):
         self.model, self.modules, self.callback = model, modules, callback
         self.mask: Optional[Tensor] = None
+        self._inputs: Dict[tuple, Tuple[Tensor, Tensor]] = {}  # this forward's inputs → their masked `a`
         self._handles: list = []
         self._saved_requires_grad: list = []
 
     def set_mask(self, mask: Tensor) -> None:
         self.mask = mask
+        self._inputs = {}
 
     def _forward_hook(self, name: str, module: nn.Module):
         bias = layer_shape(module)[2]
@@ -126,12 +132,17 @@ class TokenHooks:
         def hook(mod, inputs, output):
             if not torch.is_grad_enabled():
                 return
-            a = inputs[0].detach()
-            if bias:
-                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-            mask = self.mask
-            if mask is not None:
-                a = a * mask.to(a.dtype).unsqueeze(-1)
+            x, mask = inputs[0], self.mask
+            seen = self._inputs.get((id(x), bias))
+            if seen is not None and seen[0] is x:  # another layer's input too: the same `a`
+                a = seen[1]
+            else:
+                a = x.detach()
+                if bias:
+                    a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+                if mask is not None:
+                    a = a * mask.to(a.dtype).unsqueeze(-1)
+                self._inputs[(id(x), bias)] = (x, a)  # x held: its id cannot be reused during this forward
             if not output.requires_grad:  # first tracked layer: start the graph here
                 output.requires_grad_(True)
 
@@ -154,6 +165,7 @@ class TokenHooks:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._inputs = {}
         for h in self._handles:
             h.remove()
         for p, flag in self._saved_requires_grad:
@@ -209,10 +221,21 @@ class LayerFactors:
         common to both). Rotating every token costs ``T·(d_out² + d_in²)``; rotating each sequence's ``G_n`` once
         costs ``d_out·d_in·(d_out + d_in)``, cheaper only for long sequences.
         """
+        return self._to_eigenbasis(a, g, None)
+
+    def _to_eigenbasis(self, a: Tensor, g: Tensor, memo: Optional[list]) -> Tensor:
+        """:meth:`to_eigenbasis`; ``memo`` (a list) remembers the last ``a Q_A`` so that a layer given the same ``a``
+        object and the same ``Q_A`` object right after (a shared input and eigenbasis) does not rotate it again."""
         a, g = a.to(self.dtype), g.to(self.dtype)
         T = a.shape[1]
         if T * (self.d_out**2 + self.d_in**2) <= self.d_out * self.d_in * (self.d_out + self.d_in):
-            return torch.bmm((g @ self.Q_S).transpose(1, 2), a @ self.Q_A)  # rotate per token, then sum
+            if memo and memo[0] is a and memo[1] is self.Q_A:
+                aq = memo[2]
+            else:
+                aq = a @ self.Q_A
+                if memo is not None:
+                    memo[:] = [a, self.Q_A, aq]
+            return torch.bmm((g @ self.Q_S).transpose(1, 2), aq)  # rotate per token, then sum
         return self.Q_S.T @ torch.bmm(g.transpose(1, 2), a) @ self.Q_A  # form G_n first, then rotate it
 
     def precondition(self, V: Tensor, damping: Union[str, float] = "heuristic", kfac: bool = False) -> Tensor:
@@ -366,14 +389,37 @@ def mirror_(M: Tensor) -> Tensor:
 
 def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor, Tensor], None]:
     """Hook callback adding ``Σ_t a aᵀ`` and ``Σ_t g gᵀ`` of a batch to the factors (padding already zeroed); the sums
-    hold their upper blocks only until :func:`eigendecompose_layer` mirrors them."""
+    hold their upper blocks only until :func:`eigendecompose_layer` mirrors them.
+
+    Layers that are handed the same ``a`` object (the same input, see :class:`TokenHooks`) from the very first
+    batch share one ``A`` tensor, added to once per batch: the first of them to see a batch's ``a`` adds its Gram,
+    the others only count it. Every member must see every ``a`` the first one saw; anything else is an error.
+    A fit resumed from saved sums keeps each layer's own ``A``."""
+    groups: Dict[str, dict] = {}  # layer → its group: members, the `a` being counted, how many members saw it
 
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
         if f.A is None:
-            f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
             f.S = torch.zeros(f.d_out, f.d_out, dtype=f.dtype, device=a.device)
-        add_gram_(f.A, a.reshape(-1, a.shape[-1]).to(f.dtype))
+            twin = next((gr for gr in groups.values() if gr["a"] is a and gr["batches"] == 1), None)
+            if twin is not None:  # the same input as a layer that started on this very `a`: share its sum
+                f.A = factors[twin["members"][0]].A
+                twin["members"].append(name)
+                twin["seen"] += 1
+                groups[name] = twin
+                add_gram_(f.S, g.reshape(-1, g.shape[-1]).to(f.dtype))
+                return
+            f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
+            groups[name] = {"members": [name], "a": None, "seen": 0, "batches": 0}
+        group = groups.setdefault(name, {"members": [name], "a": None, "seen": 0, "batches": 0})
+        if group["a"] is a:
+            group["seen"] += 1  # already added by a member of the group
+        else:
+            if group["a"] is not None and group["seen"] != len(group["members"]):
+                raise FactorError(f"layers {group['members']} were given the same inputs in the first batch but not "
+                                  "in a later one; their activation covariance cannot be shared")
+            group["a"], group["seen"], group["batches"] = a, 1, group["batches"] + 1
+            add_gram_(f.A, a.reshape(-1, a.shape[-1]).to(f.dtype))
         add_gram_(f.S, g.reshape(-1, g.shape[-1]).to(f.dtype))
 
     return callback
@@ -385,49 +431,72 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
 
 
 def eigendecompose(factors: Dict[str, LayerFactors], progress: bool = False, keep_covariances: bool = False) -> None:
-    """Normalise the summed covariances to means and eigendecompose them in float64 (every layer)."""
+    """Normalise the summed covariances to means and eigendecompose them in float64 (every layer).
+
+    Layers that share one ``A`` tensor (:func:`accumulate_covariances`) share its eigenbasis too: it is computed
+    for the first of them, and the others take the same ``Q_A``/``eig_A`` objects and decompose their own ``S``."""
     from tqdm.auto import tqdm
 
     layers = list(factors.values())
+    leaders: Dict[int, LayerFactors] = {}
+    for f in layers:
+        if f.A is not None:
+            leaders.setdefault(id(f.A), f)
+    followers = [(f, leaders[id(f.A)]) for f in layers if f.A is not None and leaders[id(f.A)] is not f]
+    first = [f for f in layers if f.A is None or leaders[id(f.A)] is f]
     bar = tqdm(total=len(layers), desc="EK-FAC eigendecomposition", disable=not progress)
     threads = torch.get_num_threads()
-    if threads == 1 or not layers or layers[0].A is None or layers[0].A.device.type != "cpu":
-        for f in layers:
-            eigendecompose_layer(f, keep_covariances)
-            bar.update()
-    else:  # LAPACK's eigh scales poorly over cores: N single-threaded eighs side by side are faster on a CPU
+    serial = threads == 1 or not layers or layers[0].A is None or layers[0].A.device.type != "cpu"
+    for wave in ([(f, None) for f in first], followers):  # the shared eigenbases first, then the layers sharing them
+        if serial:
+            for f, like in wave:
+                eigendecompose_layer(f, keep_covariances, like)
+                bar.update()
+            continue
+        # LAPACK's eigh scales poorly over cores: N single-threaded eighs side by side are faster on a CPU
         from concurrent.futures import ThreadPoolExecutor
 
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(threads) as pool:
-                biggest_first = sorted(layers, key=lambda f: -(f.d_in**3 + f.d_out**3))
-                for _ in pool.map(lambda f: eigendecompose_layer(f, keep_covariances), biggest_first):
+                biggest_first = sorted(wave, key=lambda fl: -(fl[0].d_in**3 + fl[0].d_out**3))
+                for _ in pool.map(lambda fl: eigendecompose_layer(fl[0], keep_covariances, fl[1]), biggest_first):
                     bar.update()
         finally:
             torch.set_num_threads(threads)
     bar.close()
 
 
-def eigendecompose_layer(f: LayerFactors, keep_covariances: bool = False) -> None:
+def eigendecompose_layer(f: LayerFactors, keep_covariances: bool = False, like: Optional[LayerFactors] = None) -> None:
     """``A/n = Q_A diag(λ_A) Q_Aᵀ``, ``S/n = Q_S diag(λ_S) Q_Sᵀ`` in float64 on the factors' device; the results are
     kept in ``f.dtype``. A non-finite covariance (NaN/inf activations or gradients, e.g. from an overflowing fp16
-    model) is reported with the layer's name instead of failing inside ``eigh``."""
+    model) is reported with the layer's name instead of failing inside ``eigh``. ``like``: a layer, already done,
+    whose ``A`` is this layer's (the same input): its ``Q_A``/``eig_A`` (and kept ``A``) are taken as they are."""
     if f.A is None or f.n_tokens == 0:
         raise FactorError(f"layer {f.name}: no tokens were seen; is the corpus empty?")
-    mirror_(f.A), mirror_(f.S)
-    for label, M in (("activation covariance A", f.A), ("pseudo-gradient covariance S", f.S)):
-        if not torch.isfinite(M).all():
+    if like is not None and like.n_tokens != f.n_tokens:
+        raise FactorError(f"layers {like.name} and {f.name} share an activation covariance but counted "
+                          f"{like.n_tokens} and {f.n_tokens} tokens")
+    mirror_(f.S)
+    if like is None:
+        mirror_(f.A)
+    for label, M in (("activation covariance A", None if like is not None else f.A), ("pseudo-gradient covariance S", f.S)):
+        if M is not None and not torch.isfinite(M).all():
             raise FactorError(
                 f"layer {f.name}: the {label} contains NaN or inf values; the model produced non-finite "
                 "activations or gradients on this corpus (check the model's dtype and the documents)"
             )
-    A = f.A.to(torch.float64) / f.n_tokens
     S = f.S.to(torch.float64) / f.n_tokens
-    eig_A, Q_A = torch.linalg.eigh(0.5 * (A + A.T))
     eig_S, Q_S = torch.linalg.eigh(0.5 * (S + S.T))
-    f.eig_A, f.Q_A, f.eig_S, f.Q_S = (t.to(f.dtype).contiguous() for t in (eig_A, Q_A, eig_S, Q_S))
-    f.A, f.S = (A.to(f.dtype), S.to(f.dtype)) if keep_covariances else (None, None)
+    f.eig_S, f.Q_S = (t.to(f.dtype).contiguous() for t in (eig_S, Q_S))
+    f.S = S.to(f.dtype) if keep_covariances else None
+    if like is not None:
+        f.eig_A, f.Q_A, f.A = like.eig_A, like.Q_A, like.A
+        return
+    A = f.A.to(torch.float64) / f.n_tokens
+    eig_A, Q_A = torch.linalg.eigh(0.5 * (A + A.T))
+    f.eig_A, f.Q_A = (t.to(f.dtype).contiguous() for t in (eig_A, Q_A))
+    f.A = A.to(f.dtype) if keep_covariances else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,11 +505,13 @@ def eigendecompose_layer(f: LayerFactors, keep_covariances: bool = False) -> Non
 
 
 def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor, Tensor], None]:
-    """Hook callback adding ``Σ_n (Q_Sᵀ G_n Q_A)²`` of a batch, with ``G_n = Σ_t g_t a_tᵀ`` per sequence."""
+    """Hook callback adding ``Σ_n (Q_Sᵀ G_n Q_A)²`` of a batch, with ``G_n = Σ_t g_t a_tᵀ`` per sequence. Layers with
+    a shared input and eigenbasis (:func:`eigendecompose`) rotate that input once per batch."""
+    memo: list = []  # the last (a, Q_A, a Q_A)
 
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
-        rotated = f.to_eigenbasis(a, g)  # (B, d_out, d_in): each sequence's gradient in the eigenbasis
+        rotated = f._to_eigenbasis(a, g, memo)  # (B, d_out, d_in): each sequence's gradient in the eigenbasis
         if f.Lambda is None:
             f.Lambda = torch.zeros_like(rotated[0])
         for r in rotated:  # Λ += r ⊙ r, one sequence at a time: no (B, d_out, d_in) temporary

@@ -231,12 +231,17 @@ class TokenCache:
             if self._file is None:
                 self._pending.append((name, a, g))
                 return
-            part = (name, a.dtype, tuple(a.shape), g.dtype, tuple(g.shape))
-            if self._batch is None:
-                self._batch = (self._end, [], [])  # where the batch starts, its parts' offsets, its parts
-            self._submit_write([_as_bytes(a), _as_bytes(g)], self._end, _part_bytes(part))
+            if self._batch is None:  # where the batch starts, its parts' offsets, its parts, their `a` objects
+                self._batch = (self._end, [], [], [])
+            # an `a` handed over before in this batch (layers with one input, see ekfac.TokenHooks) is written once;
+            # the part refers to the earlier one
+            ref = next((j for j, x in enumerate(self._batch[3]) if x is a), -1)
+            part = (name, a.dtype, tuple(a.shape), g.dtype, tuple(g.shape), ref)
+            self._submit_write([_as_bytes(g)] if ref >= 0 else [_as_bytes(a), _as_bytes(g)], self._end,
+                               _part_bytes(part))
             self._batch[1].append(self._end)
             self._batch[2].append(part)
+            self._batch[3].append(a)
             self._end += _part_bytes(part)
         return wrapped
 
@@ -246,7 +251,7 @@ class TokenCache:
             batch, self._batch = self._batch, None
             if batch is None or self.full:
                 return
-            begin, offsets, layout = batch
+            begin, offsets, layout, _ = batch
             size = self._end - begin
             if self.used + size > self.budget:  # over budget: forget this batch's parts and cache no more
                 self.full = True
@@ -259,7 +264,8 @@ class TokenCache:
             self._largest = max([self._largest] + [_part_bytes(p) for p in layout])
             return
         pending, self._pending = self._pending, []
-        size = sum(a.numel() * a.element_size() + g.numel() * g.element_size() for _, a, g in pending)
+        size = sum(g.numel() * g.element_size() for _, _, g in pending) + \
+            sum(a.numel() * a.element_size() for a in {id(a): a for _, a, _ in pending}.values())  # a shared `a` once
         if not pending or self.full:
             return
         if self.used + size > self.budget:
@@ -330,21 +336,35 @@ class TokenCache:
         """``(batch, layer, a, g)`` of each spilled part ``(batch, layer index)`` in ``keys``, in order; each part
         is read while the one before it is replayed, and ``then`` (if given) after the last."""
         self._wait_for_write()
+        batch_a: Dict[Tuple[int, int], Tensor] = {}  # this batch's `a` tensors, for the parts that refer to them
         for n, key in enumerate(keys):
             i, j = key
-            name, da, sa, dg, sg = self._index[i][1][j]
+            name, da, sa, dg, sg, ref = self._index[i][1][j]
             buf = self._ahead[1].result() if self._ahead is not None and self._ahead[0] == key else self._read(key)
             nxt = keys[n + 1] if n + 1 < len(keys) else then
             self._ahead = (nxt, self._io.submit(self._read, nxt)) if nxt is not None else None
-            tensors, pos = [], 0
-            for dt, shape in ((da, sa), (dg, sg)):
-                count = math.prod(shape)
-                t = torch.frombuffer(buf, dtype=dt, count=count, offset=pos).view(shape) if count else \
-                    torch.empty(shape, dtype=dt)
-                tensors.append(t.to(device) if device is not None else t)
-                pos += count * _itemsize(dt)
+            if batch_a and next(iter(batch_a))[0] != i:
+                batch_a.clear()
+            pos = 0
+            if ref < 0:
+                a, pos = _tensor_at(buf, da, sa, 0, device)
+            else:  # the same object as the part it refers to when that one was replayed just before, else read
+                a = batch_a[(i, ref)] if (i, ref) in batch_a else self._read_a(i, ref, device)
+            g, _ = _tensor_at(buf, dg, sg, pos, device)
+            if any(p[5] == j for p in self._index[i][1]):  # a later part of this batch refers to this `a`
+                batch_a[key] = a
             del buf
-            yield i, name, tensors[0], tensors[1]
+            yield i, name, a, g
+
+    def _read_a(self, i: int, j: int, device) -> Tensor:
+        """Batch ``i``'s part ``j``'s ``a`` alone, read into its own buffer."""
+        offsets, layout = self._index[i]
+        _, da, sa, _, _, _ = layout[j]
+        size = math.prod(sa) * _itemsize(da)
+        buf = np.empty(size, dtype=np.uint8)
+        if size and os.preadv(self._file.fileno(), [buf], offsets[j]) < size:
+            raise IOError(f"token cache in {self._directory}: short read of batch {i}, layer {layout[j][0]}")
+        return _tensor_at(buf, da, sa, 0, device)[0]
 
     def _read(self, key: Tuple[int, int]) -> np.ndarray:
         i, j = key
@@ -366,7 +386,7 @@ class TokenCache:
                 if len(b) >= size and sys.getrefcount(b) == 3:  # the pool, the loop variable, getrefcount's argument
                     return b
             b = np.empty(max(size, self._largest), dtype=np.uint8)
-            if len(self._pool) < 3:  # the part being replayed, the one read ahead, one its consumer still holds
+            if len(self._pool) < 4:  # the part replayed, the one read ahead, one its consumer holds, a shared `a`
                 self._pool.append(b)
             return b
 
@@ -384,9 +404,18 @@ class TokenCache:
 
 
 def _part_bytes(part) -> int:
-    """Bytes of one layer's ``(a, g)`` in the spill file, from its layout entry."""
-    _, da, sa, dg, sg = part
-    return math.prod(sa) * _itemsize(da) + math.prod(sg) * _itemsize(dg)
+    """Bytes of one layer's ``(a, g)`` in the spill file, from its layout entry (``g`` alone when ``a`` is another
+    part's)."""
+    _, da, sa, dg, sg, ref = part
+    return (math.prod(sa) * _itemsize(da) if ref < 0 else 0) + math.prod(sg) * _itemsize(dg)
+
+
+def _tensor_at(buf: np.ndarray, dtype: torch.dtype, shape: tuple, pos: int, device) -> Tuple[Tensor, int]:
+    """A tensor viewing ``buf`` from byte ``pos`` (moved to ``device`` if given), and the byte after it."""
+    count = math.prod(shape)
+    t = torch.frombuffer(buf, dtype=dtype, count=count, offset=pos).view(shape) if count else \
+        torch.empty(shape, dtype=dtype)
+    return (t.to(device) if device is not None else t), pos + count * _itemsize(dtype)
 
 
 def _write_all(fd: int, views: List[np.ndarray], offset: int) -> None:
@@ -515,6 +544,11 @@ def _reduce_covariances(factors: Dict[str, ekfac.LayerFactors], model: nn.Module
     if distributed.current().world == 1:
         return
     device = next(model.parameters()).device
+    seen = set()
+    for f in factors.values():  # a sum shared by layers (ekfac.accumulate_covariances) is copied for each of them
+        if f.A is not None and id(f.A) in seen:  # before any is reduced: every rank makes the same calls, and a
+            f.A = f.A.clone()  # rank that holds separate sums (an empty shard, a resumed fit) adds up the same
+        seen.add(id(f.A))
     for f in factors.values():  # a rank whose shard was empty still takes part
         _zeros_like_layer(f, device, {"A": (f.d_in, f.d_in), "S": (f.d_out, f.d_out)})
         distributed.all_reduce_(f.A)
@@ -831,7 +865,6 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
     first, current = 0, None
 
     def contract():
-        nonlocal first
         if gathered:
             G = torch.cat(gathered) if len(gathered) > 1 else gathered[0]
             s = (flat[current] @ G.T).to(torch.float64)

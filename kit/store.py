@@ -133,7 +133,14 @@ def save_tensors(path: PathLike, tensors: dict, made_from: dict) -> None:
 
     path = Path(path)
     tmp = _tmp(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        if v.numel() and v.data_ptr() in seen:  # layers sharing one tensor (e.g. one input's eigenbasis): a copy
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    save_file(out, str(tmp),
               metadata={"made_from": json.dumps(made_from, sort_keys=True, default=str)})
     os.replace(tmp, path)
     seal(path, made_from)

@@ -54,6 +54,69 @@ def test_factors_equal_brute_force(arch):
         assert all(f.d_in in (9, 13) for f in factors.values())
 
 
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_layers_with_one_input_share_one_activation_factor(where, tmp_path):
+    """q/k/v_proj and gate/up_proj read the same input: they share one A (summed once), one eigenbasis (computed
+    once) and one cached copy of each batch's input, and every factor still equals the brute-force one; each
+    layer's Λ is rotated with the shared eigenbasis. A fit that starts from separate sums (a resumed one) gets
+    the same factors."""
+    model = tiny_model("llama", vocab_size=40, hidden=8, intermediate=12, layers=2, heads=2, seed=1,
+                       dtype=torch.float64)
+    mods = tracked_modules(model, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    docs = as_docs(random_tokens(12, 40, seed=2))
+    batches = make_batches(docs, 5, 0)
+    cache = influence.TokenCache(1e9, directory=tmp_path if where == "disk" else None)
+    f = influence.fit_factors(model, mods, batches, fisher="empirical", progress=False, keep_covariances=True,
+                              cache=cache)
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        q, k, v = (f[p + f"self_attn.{m}_proj"] for m in "qkv")
+        gate, up, down = (f[p + f"mlp.{m}_proj"] for m in ("gate", "up", "down"))
+        assert q.Q_A is k.Q_A is v.Q_A and gate.Q_A is up.Q_A and down.Q_A is not gate.Q_A
+        assert q.Q_S is not k.Q_S and gate.Q_S is not up.Q_S
+    n_tokens = sum(len(x) for x in docs.ids)
+    ref = brute_force_factors(model, mods, docs)
+    for n, fl in f.items():
+        torch.testing.assert_close(fl.A, ref[n]["A"], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(fl.S, ref[n]["S"], rtol=1e-6, atol=1e-12)
+        lam = torch.stack([(fl.Q_S.T @ G @ fl.Q_A) ** 2 for G in ref[n]["G"]]).mean(0)
+        torch.testing.assert_close(fl.Lambda, lam, rtol=1e-6, atol=1e-14)
+        assert fl.n_tokens == n_tokens
+    # the cache holds each batch's input once per input: 3 inputs per layer (attention, MLP, down_proj's)
+    padded = sum(b.input_ids.numel() for b in batches)
+    d_in = {"attn": 8, "mlp": 8, "down": 12}
+    d_out = sum(fl.d_out for fl in f.values())
+    assert cache.used == padded * 8 * (d_out + 2 * sum(d_in.values()))
+    for i, name, a, g in cache.by_layer(list(range(len(batches)))):  # every layer gets its input back
+        first = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+        a_first = dict((nm, x) for nm, x, _ in cache.get(i))[first]
+        torch.testing.assert_close(a, a_first, rtol=0, atol=0)
+    cache.close()
+    # separate sums from the start (as a resumed fit has them): the same factors, nothing shared
+    sep = ekfac.new_factors(mods)
+    for fl in sep.values():
+        fl.A, fl.S = torch.zeros(fl.d_in, fl.d_in, dtype=fl.dtype), torch.zeros(fl.d_out, fl.d_out, dtype=fl.dtype)
+    sep = influence.fit_factors(model, mods, batches, fisher="empirical", progress=False, factors=sep)
+    for n in f:
+        torch.testing.assert_close(sep[n].Lambda, f[n].Lambda, rtol=1e-9, atol=1e-15)
+    assert sep[p + "mlp.gate_proj"].Q_A is not sep[p + "mlp.up_proj"].Q_A
+
+
+def test_a_shared_activation_factor_needs_the_same_inputs_in_every_batch():
+    factors = {n: ekfac.LayerFactors(n, d_out=2, d_in=3, dtype=torch.float64) for n in ("x", "y")}
+    cb = ekfac.accumulate_covariances(factors)
+    a1, a2, a3 = (torch.randn(1, 4, 3, dtype=torch.float64) for _ in range(3))
+    g = torch.ones(1, 4, 2, dtype=torch.float64)
+    cb("x", a1, g), cb("y", a1, g)  # one input in the first batch: one A
+    assert factors["x"].A is factors["y"].A
+    cb("x", a2, g), cb("y", a2, g)
+    torch.testing.assert_close(ekfac.mirror_(factors["x"].A.clone()),
+                               sum(a.reshape(-1, 3).T @ a.reshape(-1, 3) for a in (a1, a2)))
+    cb("x", a3, g)
+    with pytest.raises(ekfac.FactorError, match="same inputs in the first batch but not in a later one"):
+        cb("x", a1, g)  # y never saw a3
+
+
 def test_sampled_fisher_equals_brute_force_with_the_same_draws():
     model, mods, docs, factors = setup("llama", fisher="sampled")
     # draw each document's labels alone (no padding, batch of one) with the same per-document generator
