@@ -561,6 +561,16 @@ class Batches(SequenceABC):
             start = stop
         self.bounds = np.asarray(bounds, dtype=np.int64)
         self.selected = np.arange(len(bounds) - 1)
+        self._lengths = lengths
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens in these batches, padding included (what a pass over them computes on)."""
+        if len(self.order) == 0 or len(self.selected) == 0:
+            return 0
+        longest = np.maximum.reduceat(self._lengths[self.order], self.bounds[:-1])  # every batch is non-empty
+        sizes = np.diff(self.bounds)
+        return int((sizes[self.selected] * longest[self.selected]).sum())
 
     @property
     def signature(self) -> dict:

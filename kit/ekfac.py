@@ -247,12 +247,17 @@ class LayerFactors:
         return self._solve(self.Q_S.T @ V.to(self.dtype) @ self.Q_A, lam, damping)
 
     def precondition_tokens(self, a: Tensor, g: Tensor, damping: Union[str, float] = "heuristic",
-                            kfac: bool = False) -> Tensor:
+                            kfac: bool = False, eigenbasis: bool = False) -> Tensor:
         """:meth:`precondition` of each sequence's gradient ``Σ_t g_t a_tᵀ``, rotated from its tokens
         (:meth:`to_eigenbasis`): for a short query the rotation into the eigenbasis costs a few tokens' worth
-        instead of two dense ``d_out × d_in`` products. ``(B, d_out, d_in)``."""
+        instead of two dense ``d_out × d_in`` products. ``(B, d_out, d_in)``. With ``eigenbasis=True`` the result
+        stays in the eigenbasis, ``(Q_Sᵀ V Q_A) ⊘ (Λ + λ)`` (``P = Q_S · that · Q_Aᵀ``): a score against a document
+        gradient ``G`` is then taken against ``Q_Sᵀ G Q_A``, rotated from the document's tokens."""
         lam = self._eigenvalues(kfac)
-        return self._solve(self.to_eigenbasis(a, g), lam, damping)
+        rotated = self.to_eigenbasis(a, g)
+        if eigenbasis:
+            return rotated / (lam + damping_value(lam, damping))
+        return self._solve(rotated, lam, damping)
 
     def _solve(self, rotated: Tensor, lam: Tensor, damping: Union[str, float]) -> Tensor:
         """``Q_S [M ⊘ (Λ + λ)] Q_Aᵀ`` for ``M`` already in the eigenbasis and the eigenvalues ``lam``."""

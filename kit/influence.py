@@ -637,19 +637,26 @@ def per_item_gradients(model: nn.Module, modules: Dict[str, nn.Module], batches:
 class PreconditionedQueries:
     """``P_q`` per layer: full ``(Q, d_out, d_in)`` or low rank ``L (Q, d_out, r)``, ``R (Q, r, d_in)``.
 
-    A layer is stored in full when the requested rank is at least its smaller dimension."""
+    A layer is stored in full when the requested rank is at least its smaller dimension. A full layer named in
+    ``basis`` (``(Q_S, Q_A)``) is stored in its EK-FAC eigenbasis, ``P̃ = Q_Sᵀ P Q_A``: scoring then rotates each
+    document's tokens into that basis instead (see :func:`preconditioned_queries`)."""
 
     full: Dict[str, Tensor] = field(default_factory=dict)
     left: Dict[str, Tensor] = field(default_factory=dict)
     right: Dict[str, Tensor] = field(default_factory=dict)
     rank: Optional[int] = None  # None = full rank
+    basis: Dict[str, Tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def n_queries(self) -> int:
         return next(iter({**self.full, **self.left}.values())).shape[0]
 
     def layer(self, name: str) -> Tensor:
-        """Dense ``P`` for a layer (rebuilt from the factors when low rank)."""
+        """Dense ``P`` for a layer, in the layer's own basis (rebuilt from the factors when low rank, rotated back
+        when kept in the eigenbasis)."""
+        if name in self.basis:
+            Q_S, Q_A = self.basis[name]
+            return Q_S @ self.full[name] @ Q_A.T
         return self.full[name] if name in self.full else self.left[name] @ self.right[name]
 
 
@@ -668,7 +675,8 @@ def precondition_queries(factors: Dict[str, ekfac.LayerFactors], grads: Dict[str
 
 def preconditioned_queries(model: nn.Module, modules: Dict[str, nn.Module], factors: Dict[str, ekfac.LayerFactors],
                            batches: Sequence[Batch], n_items: int, damping: Damping = "heuristic",
-                           rank: Optional[int] = None, progress: bool = True) -> Tuple[PreconditionedQueries, Tensor]:
+                           rank: Optional[int] = None, progress: bool = True,
+                           doc_tokens: Optional[int] = None) -> Tuple[PreconditionedQueries, Tensor]:
     """Query gradients batch by batch, each layer's gradient preconditioned (and cut to rank ``r``) as soon as the
     backward pass produces it.
 
@@ -676,6 +684,12 @@ def preconditioned_queries(model: nn.Module, modules: Dict[str, nn.Module], fact
     135M-parameter model's MLPs would take 24 GB; of an 8B model's, 2 TB); the results are written straight into
     the output. Returns ``(P, losses)`` in item order, equal to :func:`per_item_gradients` followed by
     :func:`precondition_queries` over all items.
+
+    ``doc_tokens``: how many (padded) document tokens these queries will be scored against. A full-rank layer's
+    ``P = Q_S M Q_Aᵀ`` costs ``Q·d_out·d_in·(d_out + d_in)`` to rotate back out of the eigenbasis; scoring against
+    ``M`` instead costs ``doc_tokens·(d_out² + d_in²)`` to rotate the documents' tokens in. Where the second is
+    cheaper (few documents, wide layers: SmolLM2 scored on a few dozen documents) ``M`` is kept
+    (:attr:`PreconditionedQueries.basis`). The scores are the same up to float rounding.
     """
     losses = torch.zeros(n_items, dtype=torch.float64)
     out = PreconditionedQueries(rank=rank)
@@ -684,7 +698,11 @@ def preconditioned_queries(model: nn.Module, modules: Dict[str, nn.Module], fact
     def callback(name, a, g):
         f = factors[name]
         if rank is None or rank >= min(f.d_out, f.d_in):  # as precondition_queries, rotated from the tokens
-            parts = {"full": f.precondition_tokens(a, g, damping)}
+            keep = doc_tokens is not None and \
+                doc_tokens * (f.d_out**2 + f.d_in**2) < n_items * f.d_out * f.d_in * (f.d_out + f.d_in)
+            parts = {"full": f.precondition_tokens(a, g, damping, eigenbasis=keep)}
+            if keep:
+                out.basis[name] = (f.Q_S, f.Q_A)
         else:
             parts = dict(zip(("left", "right"), f.precondition_low_rank(None, rank, damping, tokens=(a, g))))
         idx = current[0]
@@ -756,19 +774,27 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     dtype = next(iter({**pq.full, **pq.left}.values())).dtype  # the factors' dtype: float32 (float64 in tests)
     group = group or contraction_group(Q)
 
+    memo: list = []  # the last (a, Q_A, a Q_A): layers sharing an input and an eigenbasis rotate it once
+
     def layer_terms(name: str, a: Tensor, g: Tensor):
         """One layer of one batch: ``(G (B, d_out·d_in) to contract with P, or None; ‖G_z‖² (B,);
-        low-rank scores (Q, B), or None)``."""
+        low-rank scores (Q, B), or None; the a and g used)``. A layer whose ``P`` is kept in the eigenbasis gets
+        its tokens rotated into it first (``G`` is then ``Q_Sᵀ G_z Q_A``, of the same norm)."""
         B = a.shape[0]
-        a, g = a.to(dtype), g.to(dtype)
+        a_in, a, g = a, a.to(dtype), g.to(dtype)
+        if name in pq.basis:
+            Q_S, Q_A = pq.basis[name]
+            if not (memo and memo[0] is a_in and memo[1] is Q_A):
+                memo[:] = [a_in, Q_A, a @ Q_A]
+            a, g = memo[2], g @ Q_S
         G = torch.bmm(g.transpose(1, 2), a).reshape(B, -1)  # each document's gradient of this layer
         norm2 = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
         if name in pq.full:
-            return G, norm2, None
+            return G, norm2, None, a, g
         L, R = pq.left[name], pq.right[name]
         gl = torch.einsum("bto,qor->qbtr", g, L)
         ar = torch.einsum("qri,bti->qbtr", R, a)
-        return None, norm2, (gl * ar).sum((2, 3)).to(torch.float64)
+        return None, norm2, (gl * ar).sum((2, 3)).to(torch.float64), a, g
 
     def deliver(i: int, b: Batch, s: Tensor, n: Tensor, layers: Dict[str, Tensor]) -> None:
         idx = b.index.cpu()
@@ -798,7 +824,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     waiting: List[dict] = []  # gathered batches, in order: index, batch, partial scores (Q, B), norms, layers
 
     def callback(name, a, g):
-        G, norm2, s = layer_terms(name, a, g)
+        G, norm2, s, a, g = layer_terms(name, a, g)
         acc["norm2"] = norm2 if "norm2" not in acc else acc["norm2"] + norm2
         if G is not None:
             gathered.setdefault(name, []).append(G)
@@ -806,9 +832,9 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
             acc["scores"] = s if "scores" not in acc else acc["scores"] + s
             if per_layer:
                 acc[f"layer:{name}"] = s
-        if per_token:
-            P = pq.layer(name)
-            t = torch.einsum("bto,qoi,bti->qbt", g.to(dtype), P, a.to(dtype)).to(torch.float64)
+        if per_token:  # in the eigenbasis when P is kept there: a and g were rotated with it
+            P = pq.full[name] if name in pq.basis else pq.layer(name)
+            t = torch.einsum("bto,qoi,bti->qbt", g, P, a).to(torch.float64)
             acc["tokens"] = t if "tokens" not in acc else acc["tokens"] + t
 
     def flush():
@@ -881,7 +907,7 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
             if per_layer:
                 layers[name] = torch.zeros((Q, n), dtype=torch.float64, device=device)
         o, B = offset[i], a.shape[0]
-        G, norm2, s = layer_terms(name, a, g)
+        G, norm2, s, _, _ = layer_terms(name, a, g)
         n2_all[o:o + B] += norm2
         if G is not None:
             if not gathered:
@@ -906,7 +932,11 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
 def influence(model, modules, factors, query_batches, n_queries, doc_batches, n_docs, damping: Damping = "heuristic",
               rank: Optional[int] = None, progress: bool = False, **kw):
     """Convenience: query gradients → preconditioning → scores, all in memory. Returns ``(ScoreOutput, nats)``."""
-    pq, nats = preconditioned_queries(model, modules, factors, query_batches, n_queries, damping, rank, progress)
+    doc_tokens = getattr(doc_batches, "padded_tokens", None)
+    if doc_tokens is None:  # a plain list of batches
+        doc_tokens = sum(b.input_ids.numel() for b in doc_batches)
+    pq, nats = preconditioned_queries(model, modules, factors, query_batches, n_queries, damping, rank, progress,
+                                      doc_tokens=doc_tokens)
     return score_documents(model, modules, pq, doc_batches, n_docs, progress=progress, **kw), nats
 
 

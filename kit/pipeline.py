@@ -509,7 +509,8 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
         qbatches = make_batches(qtok, cfg.query_batch_size, run.pad_id)
         with sw("query gradients"):
             pq, nats = influence.preconditioned_queries(run.model, run.modules, factors, qbatches, Q, damping,
-                                                        cfg.rank, progress=not quiet)
+                                                        cfg.rank, progress=not quiet,
+                                                        doc_tokens=batches.shard(d.rank, d.world).padded_tokens)
             influence.release_memory()  # the query passes' activations: freed, handed back before scoring
         if d.main:
             table = _arrow_safe(qtok.table.copy())

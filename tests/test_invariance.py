@@ -116,6 +116,34 @@ def test_scoring_replayed_layer_by_layer_equals_running_the_model(setup, rank, w
         cache.close()
 
 
+@pytest.mark.parametrize("replayed", [False, True])
+def test_scoring_in_the_eigenbasis_equals_scoring_in_the_layers_basis(setup, replayed):
+    """With few document tokens the full-rank P stays in the eigenbasis and the documents' tokens are rotated
+    into it: the same scores, norms, per-layer and per-token scores, and ``layer()`` still gives P itself."""
+    model, mods, docs, queries = setup
+    batches = make_batches(docs, 4, 0)
+    cache = influence.TokenCache(1e9) if replayed else None
+    factors = influence.fit_factors(model, mods, batches, fisher="empirical", progress=False, cache=cache)
+    qb, n, Q = make_batches(queries, 4, 0), len(docs.ids), len(queries.ids)
+    ref_pq, _ = influence.preconditioned_queries(model, mods, factors, qb, Q, progress=False)
+    assert batches.padded_tokens == sum(b.input_ids.numel() for b in batches)
+    # 10 tokens: rotating the documents is cheaper than rotating 4 queries back (here it is not, at 260)
+    pq, _ = influence.preconditioned_queries(model, mods, factors, qb, Q, progress=False, doc_tokens=10)
+    many, _ = influence.preconditioned_queries(model, mods, factors, qb, Q, progress=False, doc_tokens=10**9)
+    assert set(pq.basis) == set(mods) and not ref_pq.basis and not many.basis
+    for name in mods:
+        torch.testing.assert_close(pq.layer(name), ref_pq.full[name], rtol=1e-10, atol=1e-14)
+    ref = influence.score_documents(model, mods, ref_pq, batches, n, per_layer=True, per_token=True, progress=False)
+    out = influence.score_documents(model, mods, pq, batches, n, per_layer=True, per_token=not replayed,
+                                    progress=False, replay=cache)
+    torch.testing.assert_close(out.scores, ref.scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-9, atol=1e-12)
+    if not replayed:
+        for t, r in zip(out.per_token, ref.per_token):
+            torch.testing.assert_close(t, r, rtol=1e-9, atol=1e-12)
+
+
 def test_token_cache_replays_layer_by_layer(tmp_path):
     """``by_layer`` hands over every batch's part of one layer before the next layer, the same tensors ``get``
     gives, from memory or from the spill file."""
