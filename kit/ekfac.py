@@ -229,13 +229,7 @@ class LayerFactors:
         a, g = a.to(self.dtype), g.to(self.dtype)
         T = a.shape[1]
         if T * (self.d_out**2 + self.d_in**2) <= self.d_out * self.d_in * (self.d_out + self.d_in):
-            if memo and memo[0] is a and memo[1] is self.Q_A:
-                aq = memo[2]
-            else:
-                aq = a @ self.Q_A
-                if memo is not None:
-                    memo[:] = [a, self.Q_A, aq]
-            return torch.bmm((g @ self.Q_S).transpose(1, 2), aq)  # rotate per token, then sum
+            return torch.bmm((g @ self.Q_S).transpose(1, 2), rotate(a, self.Q_A, memo))  # per token, then sum
         return self.Q_S.T @ torch.bmm(g.transpose(1, 2), a) @ self.Q_A  # form G_n first, then rotate it
 
     def precondition(self, V: Tensor, damping: Union[str, float] = "heuristic", kfac: bool = False) -> Tensor:
@@ -345,6 +339,17 @@ def new_factors(modules: Dict[str, nn.Module], dtype: Optional[torch.dtype] = No
     return out
 
 
+def rotate(a: Tensor, Q: Tensor, memo: Optional[list] = None) -> Tensor:
+    """``a @ Q``; ``memo`` (a list) keeps the last ``(a, Q, a @ Q)`` so that the same ``a`` object rotated by the same
+    ``Q`` object right after (layers sharing an input and its eigenbasis) is not rotated again."""
+    if memo and memo[0] is a and memo[1] is Q:
+        return memo[2]
+    aq = a @ Q
+    if memo is not None:
+        memo[:] = [a, Q, aq]
+    return aq
+
+
 def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """float32 for float32/bfloat16/float16 models (never sum in half precision), float64 for float64 models."""
     return torch.float64 if model_dtype == torch.float64 else torch.float32
@@ -415,7 +420,6 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
                 add_gram_(f.S, g.reshape(-1, g.shape[-1]).to(f.dtype))
                 return
             f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
-            groups[name] = {"members": [name], "a": None, "seen": 0, "batches": 0}
         group = groups.setdefault(name, {"members": [name], "a": None, "seen": 0, "batches": 0})
         if group["a"] is a:
             group["seen"] += 1  # already added by a member of the group

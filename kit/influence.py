@@ -337,6 +337,7 @@ class TokenCache:
         is read while the one before it is replayed, and ``then`` (if given) after the last."""
         self._wait_for_write()
         batch_a: Dict[Tuple[int, int], Tensor] = {}  # this batch's `a` tensors, for the parts that refer to them
+        referred = {(i, p[5]) for i in {k[0] for k in keys} for p in self._index[i][1] if p[5] >= 0}
         for n, key in enumerate(keys):
             i, j = key
             name, da, sa, dg, sg, ref = self._index[i][1][j]
@@ -351,7 +352,7 @@ class TokenCache:
             else:  # the same object as the part it refers to when that one was replayed just before, else read
                 a = batch_a[(i, ref)] if (i, ref) in batch_a else self._read_a(i, ref, device)
             g, _ = _tensor_at(buf, dg, sg, pos, device)
-            if any(p[5] == j for p in self._index[i][1]):  # a later part of this batch refers to this `a`
+            if (i, j) in referred:  # a later part of this batch refers to this `a`
                 batch_a[key] = a
             del buf
             yield i, name, a, g
@@ -781,12 +782,10 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         low-rank scores (Q, B), or None; the a and g used)``. A layer whose ``P`` is kept in the eigenbasis gets
         its tokens rotated into it first (``G`` is then ``Q_Sᵀ G_z Q_A``, of the same norm)."""
         B = a.shape[0]
-        a_in, a, g = a, a.to(dtype), g.to(dtype)
+        a, g = a.to(dtype), g.to(dtype)
         if name in pq.basis:
             Q_S, Q_A = pq.basis[name]
-            if not (memo and memo[0] is a_in and memo[1] is Q_A):
-                memo[:] = [a_in, Q_A, a @ Q_A]
-            a, g = memo[2], g @ Q_S
+            a, g = ekfac.rotate(a, Q_A, memo), g @ Q_S
         G = torch.bmm(g.transpose(1, 2), a).reshape(B, -1)  # each document's gradient of this layer
         norm2 = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
         if name in pq.full:
