@@ -45,7 +45,7 @@ from . import distributed, ekfac
 from .corpus import IGNORE, Batch
 
 Damping = Union[str, float]
-WRITE_AHEAD_BYTES = 32 << 20  # token-cache bytes queued for the disk at most (see TokenCache._submit_write)
+WRITE_AHEAD_BYTES = 8 << 20  # token-cache bytes queued for the disk at most (see TokenCache._submit_write)
 
 # --------------------------------------------------------------------------------------------------------------
 # Losses
@@ -86,10 +86,13 @@ def token_losses(model: nn.Module, batch: Batch, fisher: str = "empirical", seed
     else:
         labels = batch.labels
     B, T, V = logits.shape
-    # (B·(T−1), V) rows: the log-softmax runs along contiguous memory (a transposed (B, V, T−1) view is ~2× slower)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="none",
-                         ignore_index=IGNORE)
-    return ce.view(B, T - 1).sum(1)
+    # Position t predicts label t+1; the last position predicts nothing (IGNORE). All B·T rows of the logits are
+    # used as they lie in memory: slicing off the last position would copy the (B, T−1, V) logits and, in the
+    # backward, scatter their gradient into a fresh (B, T, V) tensor (vocabulary-wide tensors are most of a small
+    # model's activation memory). The log-softmax runs along contiguous rows (a transposed view is ~2× slower).
+    targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE)], dim=1)
+    ce = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(-1), reduction="none", ignore_index=IGNORE)
+    return ce.view(B, T)[:, :-1].sum(1)
 
 
 def _nonfinite_message(model: nn.Module, batch: Batch) -> str:
