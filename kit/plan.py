@@ -125,11 +125,10 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     """The plan as a dictionary: ``inputs``, ``memory`` (bytes per part and per stage), ``time`` (seconds),
     ``available`` (bytes) and ``advice`` (one line per stage that will not fit or will take long).
     ``startup_s``: what starting a process and importing the kit costs (the command line measures its own)."""
-    import numpy as np
     import torch
 
-    from . import ekfac, influence
-    from .corpus import build_token_store, count_records, make_batches
+    from . import ekfac
+    from .corpus import build_token_store, count_records
     from .models import tracked_modules
     from .pipeline import DTYPE, resolve_device
 
@@ -153,6 +152,12 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     ctx = getattr(model.config, "max_position_embeddings", None) or 512
     max_tokens = cfg.max_tokens or min(512, ctx)
 
+    Q = cfg.n_queries
+    if cfg.queries:
+        from .corpus import load_queries
+
+        Q = len(load_queries(cfg.queries))
+
     # -- the corpus: counted, and a sample tokenised for lengths and padding
     sample_lengths = None
     if cfg.corpus is not None:
@@ -166,12 +171,11 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
             tokenise_s = (time.perf_counter() - t0) / max(1, st.meta["n_documents"])
             sample_lengths = st.lengths.copy()
             pieces = len(st) / max(1, st.meta["n_documents"])
-            store = st if has_weights and cfg.measure else None
-            if store is not None:
-                timing = _measure(cfg, model, mods, tok, store, rank, device, quiet)
-        D = int(round(n_docs * pieces))
-        mean_len = float(sample_lengths.mean())
-        padded = _padding_ratio(sample_lengths, cfg.batch_size, cfg.max_batch_tokens or None)
+            D = int(round(n_docs * pieces))
+            mean_len = float(sample_lengths.mean())
+            padded = _padding_ratio(sample_lengths, cfg.batch_size, cfg.max_batch_tokens or None)
+            if has_weights and cfg.measure:
+                timing = _measure(cfg, model, mods, tok, st, rank, device, Q, D * mean_len * padded / cfg.nproc)
     else:
         D = int(cfg.n_docs)
         mean_len = float(cfg.tokens_per_doc or max_tokens)
@@ -180,11 +184,6 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
         timing = None
     tokens = D * mean_len
     padded_tokens = tokens * padded
-    Q = cfg.n_queries
-    if cfg.queries:
-        from .corpus import load_queries
-
-        Q = len(load_queries(cfg.queries))
 
     # -- memory per process, by part
     sum_io = sum(o * i for o, i in layers)
@@ -288,8 +287,11 @@ def _padding_ratio(lengths, batch_size: int, max_batch_tokens: Optional[int]) ->
     return padded / float(lengths.sum())
 
 
-def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet: bool) -> Dict:
-    """Time and peak memory of the kit's own passes on the longest batches of a corpus sample."""
+def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int, doc_tokens: float) -> Dict:
+    """Time and peak memory of the kit's own passes on the longest batches of a corpus sample. ``Q`` queries will
+    be scored against ``doc_tokens`` padded document tokens per process: that decides, as in a real run, which
+    layers' preconditioned queries stay in the eigenbasis (see :func:`influence.preconditioned_queries`), and so
+    what preconditioning a query and scoring a document cost."""
     import torch
 
     from . import ekfac, influence
@@ -336,11 +338,29 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
     if cuda:
         torch.cuda.synchronize()
     replay_s = (time.perf_counter() - t0) / tok_fit
-    del cache
-    # scoring: random preconditioned queries of the planned shape and rank
-    Q = cfg.n_queries
-    pq = influence.PreconditionedQueries(rank=None if rank == "full" else int(rank))
+    cache.close()
+    for f in factors.values():  # the correction's Λ, as a fit finishes it: the queries are preconditioned with it
+        f.n_sequences = sum(len(b.index) for b in sub)
+    ekfac.finalise_lambda(factors)
+    # query gradients of a batch of queries of the planned length, preconditioned as the scoring run will do it.
+    # Whether a layer's P stays in the eigenbasis compares doc_tokens against the number of queries, linearly
+    # (doc_tokens·(d_out² + d_in²) < Q·d_out·d_in·(d_out + d_in)): a batch of n queries scaled to n/Q of the
+    # documents' tokens makes the same choice as all Q queries against all of them.
+    qlen = cfg.query_tokens
     gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, int(getattr(model.config, "vocab_size", 100)), (min(Q, cfg.query_batch_size), qlen),
+                        generator=gen)
+    qb = Batch(torch.arange(len(ids)), ids, torch.ones_like(ids), ids.clone())
+    q_rank = None if rank == "full" else int(rank)
+    influence.preconditioned_queries(model, mods, factors, [qb], len(ids), rank=q_rank, progress=False)  # warm-up
+    t0 = time.perf_counter()
+    measured, _ = influence.preconditioned_queries(model, mods, factors, [qb], len(ids), rank=q_rank, progress=False,
+                                                   doc_tokens=doc_tokens * len(ids) / max(1, Q))
+    if cuda:
+        torch.cuda.synchronize()
+    query_s = (time.perf_counter() - t0) / len(ids)
+    # scoring: random preconditioned queries of the planned number, shape and rank, in the basis chosen above
+    pq = influence.PreconditionedQueries(rank=q_rank, basis=dict(measured.basis))
     for name, f in factors.items():
         if rank == "full" or int(rank) >= min(f.d_out, f.d_in):
             pq.full[name] = torch.randn(Q, f.d_out, f.d_in, generator=gen).to(device, f.dtype)
@@ -353,16 +373,6 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
     if cuda:
         torch.cuda.synchronize()
     score_s = (time.perf_counter() - t0) / tok_fit
-    # query gradients: a batch of queries of the planned length
-    qlen = cfg.query_tokens
-    ids = torch.randint(3, int(getattr(model.config, "vocab_size", 100)), (min(Q, cfg.query_batch_size), qlen),
-                        generator=gen)
-    qb = Batch(torch.arange(len(ids)), ids, torch.ones_like(ids), ids.clone())
-    t0 = time.perf_counter()
-    influence.per_item_gradients(model, mods, [qb], len(ids), progress=False)
-    if cuda:
-        torch.cuda.synchronize()
-    query_s = (time.perf_counter() - t0) / len(ids)
     # eigendecomposition: each distinct layer size once, float64 on the device
     eigh_s, seen = 0.0, {}
     for f in factors.values():
@@ -377,7 +387,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, quiet:
             eigh_s += seen[d]
     return {"fit_s_per_token": fit_s, "replay_s_per_token": replay_s, "score_s_per_token": score_s, "query_s": query_s, "eigh_s": eigh_s,
             "activation_bytes": max(0, act), "activation_source": "measured", "baseline_bytes": base if not cuda else 0,
-            "measured_batches": n}
+            "measured_batches": n, "eigenbasis_layers": sorted(measured.basis)}
 
 
 def process_age() -> float:

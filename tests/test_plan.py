@@ -71,3 +71,20 @@ def test_plan_bad_values(smoke_world, capsys):
     assert main(["plan", "--model", smoke_world["model"], "--corpus", smoke_world["corpus"], "--query-rank",
                  "zero"]) == 2
     assert "--query-rank must be 'full' or a positive integer" in capsys.readouterr().err
+
+
+def test_plan_times_the_queries_and_scoring_in_the_basis_the_run_will_use(smoke_world):
+    """Few documents against many queries keep P in the eigenbasis (see `preconditioned_queries`); the plan measures
+    in the same basis. It times one batch of queries, so it must scale the documents' tokens to that batch: else a
+    batch of 8 would never choose the eigenbasis that 2,000 queries do."""
+    from kit.models import load_model, tracked_modules
+
+    model, _ = load_model(smoke_world["model"])
+    layers = {n: (m.out_features, m.in_features) for n, m in tracked_modules(model).items()}
+    for Q in (6, 2000):
+        p = plan(PlanConfig(model=smoke_world["model"], corpus=smoke_world["corpus"], n_queries=Q, device="cpu"))
+        doc_tokens = p["inputs"]["tokens"] * p["inputs"]["padding"]
+        expect = sorted(n for n, (o, i) in layers.items() if doc_tokens * (o * o + i * i) < Q * o * i * (o + i))
+        assert p["timing"]["eigenbasis_layers"] == expect
+        assert p["time"]["score"] > 0
+    assert expect == sorted(layers)  # 2,000 queries: every layer kept in the eigenbasis (6 queries: none)
