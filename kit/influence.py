@@ -664,19 +664,6 @@ class PreconditionedQueries:
         return self.full[name] if name in self.full else self.left[name] @ self.right[name]
 
 
-def queries_last(n: int, shape: Tuple[int, ...], dtype: torch.dtype, device=None) -> Tensor:
-    """An empty ``(n, *shape)`` tensor laid out with the query index last in memory (a view of ``(*shape, n)``), so
-    that :func:`score_documents` contracts documents' gradients ``G (docs, d_out·d_in)`` with ``P`` as
-    ``G Pᵀ`` without copying ``P``: a product with ``Pᵀ`` contiguous runs ~1.6× faster than ``P Gᵀ`` here (it is
-    memory-bound: 16 queries × 110 k weights against 8 documents)."""
-    return torch.empty(tuple(shape) + (n,), dtype=dtype, device=device).permute(-1, *range(len(shape)))
-
-
-def _flat_t(P: Tensor) -> Tensor:
-    """``P (Q, d_out, d_in)`` as ``(d_out·d_in, Q)``: a view when ``P`` was made by :func:`queries_last`, else a copy."""
-    return P.permute(*range(1, P.dim()), 0).reshape(-1, P.shape[0])
-
-
 def precondition_queries(factors: Dict[str, ekfac.LayerFactors], grads: Dict[str, Tensor], damping: Damping = "heuristic",
                          rank: Optional[int] = None, kfac: bool = False) -> PreconditionedQueries:
     """``P_q = (F + λI)⁻¹ ∇L_q`` per layer; with ``rank=r`` keep the rank-``r`` truncated SVD of each ``P_q``
@@ -726,8 +713,7 @@ def preconditioned_queries(model: nn.Module, modules: Dict[str, nn.Module], fact
         for attr, part in parts.items():
             dest = getattr(out, attr)
             if name not in dest:
-                dest[name] = queries_last(n_items, part.shape[1:], part.dtype, part.device) if attr == "full" else \
-                    torch.empty((n_items,) + part.shape[1:], dtype=part.dtype, device=part.device)
+                dest[name] = torch.empty((n_items,) + part.shape[1:], dtype=part.dtype, device=part.device)
             dest[name][idx.to(part.device)] = part
 
     def loss_fn(b):
@@ -788,7 +774,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     norms = torch.zeros(n_docs if keep else 0, dtype=torch.float64)
     layer_scores = torch.zeros((Q, n_docs, len(names)), dtype=torch.float64) if per_layer else None
     token_scores: Optional[List[Tensor]] = [None] * n_docs if per_token else None  # type: ignore
-    flat = {n: _flat_t(pq.full[n]) for n in names if n in pq.full}  # (d_out·d_in, Q) each
+    flat = {n: pq.full[n].reshape(Q, -1) for n in names if n in pq.full}
     dtype = next(iter({**pq.full, **pq.left}.values())).dtype  # the factors' dtype: float32 (float64 in tests)
     group = group or contraction_group(Q)
 
@@ -859,7 +845,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
             return
         sizes = [len(w["batch"].index) for w in waiting]
         for name, parts in gathered.items():
-            s = (torch.cat(parts) @ flat[name]).T.to(torch.float64)  # (Q, gathered documents)
+            s = (flat[name] @ torch.cat(parts).T).to(torch.float64)  # (Q, gathered documents)
             for w, part in zip(waiting, torch.split(s, sizes, dim=1)):
                 w["scores"] += part
                 if per_layer:
@@ -894,8 +880,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
 
 def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batch], Q: int, flat: Dict[str, Tensor],
                     group: int, layer_terms, deliver, per_layer: bool, progress: bool, device) -> None:
-    """:func:`score_documents` over the ``cached`` batches, replayed layer after layer (``flat``: each full-rank
-    layer's ``P`` as ``(d_out·d_in, Q)``). The partial scores of the
+    """:func:`score_documents` over the ``cached`` batches, replayed layer after layer. The partial scores of the
     replayed documents (``Q`` per document, a sliver of the cache's own size) are held until every layer is done;
     then each batch goes to ``deliver`` in order."""
     sizes = [len(batches[i].index) for i in cached]
@@ -910,7 +895,7 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
     def contract():
         if gathered:
             G = torch.cat(gathered) if len(gathered) > 1 else gathered[0]
-            s = (G @ flat[current]).T.to(torch.float64)
+            s = (flat[current] @ G.T).to(torch.float64)
             s_all[:, first:first + G.shape[0]] += s
             if per_layer:
                 layers[current][:, first:first + G.shape[0]] = s

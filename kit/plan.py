@@ -363,8 +363,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     pq = influence.PreconditionedQueries(rank=q_rank, basis=dict(measured.basis))
     for name, f in factors.items():
         if rank == "full" or int(rank) >= min(f.d_out, f.d_in):
-            pq.full[name] = influence.queries_last(Q, (f.d_out, f.d_in), f.dtype, device).copy_(
-                torch.randn(Q, f.d_out, f.d_in, generator=gen))
+            pq.full[name] = torch.randn(Q, f.d_out, f.d_in, generator=gen).to(device, f.dtype)
         else:
             pq.left[name] = torch.randn(Q, f.d_out, int(rank), generator=gen).to(device, f.dtype)
             pq.right[name] = torch.randn(Q, int(rank), f.d_in, generator=gen).to(device, f.dtype)
