@@ -250,12 +250,17 @@ class LayerFactors:
         lam = self._eigenvalues(kfac)
         rotated = self.to_eigenbasis(a, g)
         if eigenbasis:
-            return rotated / (lam + damping_value(lam, damping))
+            return self._divide(rotated, lam, damping)
         return self._solve(rotated, lam, damping)
+
+    @staticmethod
+    def _divide(rotated: Tensor, lam: Tensor, damping: Union[str, float]) -> Tensor:
+        """``M ⊘ (Λ + λ)`` for ``M`` in the eigenbasis: the inverse damped Fisher there, where it is diagonal."""
+        return rotated / (lam + damping_value(lam, damping))
 
     def _solve(self, rotated: Tensor, lam: Tensor, damping: Union[str, float]) -> Tensor:
         """``Q_S [M ⊘ (Λ + λ)] Q_Aᵀ`` for ``M`` already in the eigenbasis and the eigenvalues ``lam``."""
-        return self.Q_S @ (rotated / (lam + damping_value(lam, damping))) @ self.Q_A.T
+        return self.Q_S @ self._divide(rotated, lam, damping) @ self.Q_A.T
 
     def _eigenvalues(self, kfac: bool) -> Tensor:
         if self.Q_S is None or (not kfac and self.Lambda is None):

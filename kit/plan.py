@@ -283,8 +283,7 @@ def _padding_ratio(lengths, batch_size: int, max_batch_tokens: Optional[int]) ->
     from .corpus import Batches
 
     b = Batches(SimpleNamespace(lengths=lengths), batch_size, 0, True, max_batch_tokens)
-    padded = sum(int(lengths[b.order[lo]]) * int(hi - lo) for lo, hi in zip(b.bounds[:-1], b.bounds[1:]))
-    return padded / float(lengths.sum())
+    return b.padded_tokens / float(lengths.sum())
 
 
 def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int, doc_tokens: float) -> Dict:
@@ -352,7 +351,6 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
                         generator=gen)
     qb = Batch(torch.arange(len(ids)), ids, torch.ones_like(ids), ids.clone())
     q_rank = None if rank == "full" else int(rank)
-    influence.preconditioned_queries(model, mods, factors, [qb], len(ids), rank=q_rank, progress=False)  # warm-up
     t0 = time.perf_counter()
     measured, _ = influence.preconditioned_queries(model, mods, factors, [qb], len(ids), rank=q_rank, progress=False,
                                                    doc_tokens=doc_tokens * len(ids) / max(1, Q))
