@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-gb", type=float, default=None, help=_h(FitConfig, "cache_gb"))
     f.add_argument("--cache-on", choices=["auto", "memory", "disk"], default="auto", help=_h(FitConfig, "cache_on"))
     f.add_argument("--checkpoint-every", type=int, default=50, help=_h(FitConfig, "checkpoint_every"))
+    f.add_argument("--workers", type=int, default=None, help=_h(FitConfig, "workers"))
     f.add_argument("--queries", default=None, help="also score these queries (as `kit score`) in the same process, "
                    "right after the fit: one start-up instead of two, and with --fisher empirical the scoring pass "
                    "replays the fit's token cache instead of running the model")
@@ -211,6 +212,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .plan import process_age
 
             pipeline.STARTUP_S = process_age()
+            if args.cmd == "fit" and args.workers != 1:  # before any thread starts (see influence.share_heap)
+                from .influence import share_heap
+
+                share_heap()
         if args.cmd == "fit":
             from .pipeline import fit
 
@@ -218,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             damping=args.damping, n_docs=args.n_docs, max_tokens=args.max_tokens, long_docs=args.long_docs,
                             batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, seed=args.seed,
                             dtype=args.dtype, factor_dtype=args.factor_dtype, keep_covariances=args.keep_covariances,
-                            device=args.device, cache_gb=args.cache_gb, cache_on=args.cache_on,
+                            device=args.device, cache_gb=args.cache_gb, cache_on=args.cache_on, workers=args.workers,
                             checkpoint_every=args.checkpoint_every)
             if args.queries:
                 from .pipeline import fit_and_score

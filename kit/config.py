@@ -54,6 +54,12 @@ class FitConfig:
     cache_on: str = _help("where the token cache lives: 'memory' (on the compute device), 'disk' (a temporary file "
                           "in the run directory, read back through the OS page cache, so the process holds one "
                           "batch), or 'auto' (memory on a GPU, disk on a CPU)", default="auto")
+    workers: Optional[int] = _help(
+        "threads of this process that run batches side by side on a CPU, each with its share of the intra-op threads "
+        "and its own sums (added up in a fixed order: the same factors up to float rounding); each worker's batches "
+        "hold at most --max-batch-tokens / workers tokens, so the batches in flight take one batch's memory. "
+        "Default: 2 on a CPU with at least 2 threads (a small model's products split poorly over cores; two "
+        "batches at once keep both busy), 1 on a GPU", default=None)
 
     def validate(self) -> "FitConfig":
         if self.fisher not in ("sampled", "empirical"):
@@ -71,6 +77,8 @@ class FitConfig:
             raise InputError(f"--cache-gb must be a non-negative number of GiB, got {self.cache_gb!r}")
         if self.cache_on not in ("auto", "memory", "disk"):
             raise InputError(f"--cache-on must be auto, memory or disk, got {self.cache_on!r}")
+        if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 1):
+            raise InputError(f"--workers must be a whole number of at least 1, got {self.workers!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.factor_dtype not in ("float32", "float64"):

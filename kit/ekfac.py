@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -117,14 +118,20 @@ class TokenHooks:
 
     def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], callback: Callable[[str, Tensor, Tensor], None]):
         self.model, self.modules, self.callback = model, modules, callback
-        self.mask: Optional[Tensor] = None
-        self._inputs: Dict[tuple, Tuple[Tensor, Tensor]] = {}  # this forward's inputs → their masked `a`
+        # per thread: its mask, its forward's inputs → their masked `a`, its callback (see :meth:`bind`)
+        self._local = threading.local()
         self._handles: list = []
         self._saved_requires_grad: list = []
 
     def set_mask(self, mask: Tensor) -> None:
-        self.mask = mask
-        self._inputs = {}
+        """The padding mask of the batch the calling thread runs next."""
+        self._local.mask = mask
+        self._local.inputs = {}
+
+    def bind(self, callback: Callable[[str, Tensor, Tensor], None]) -> None:
+        """Hand the calling thread's batches to ``callback`` instead of the one given at construction: threads that
+        run batches side by side (:func:`kit.influence.run_pass` with workers) each keep their own sums."""
+        self._local.callback = callback
 
     def _forward_hook(self, name: str, module: nn.Module):
         bias = layer_shape(module)[2]
@@ -132,8 +139,12 @@ class TokenHooks:
         def hook(mod, inputs, output):
             if not torch.is_grad_enabled():
                 return
-            x, mask = inputs[0], self.mask
-            seen = self._inputs.get((id(x), bias))
+            local = self._local
+            x, mask = inputs[0], getattr(local, "mask", None)
+            callback = getattr(local, "callback", self.callback)
+            if not hasattr(local, "inputs"):
+                local.inputs = {}
+            seen = local.inputs.get((id(x), bias))
             if seen is not None and seen[0] is x:  # another layer's input too: the same `a`
                 a = seen[1]
             else:
@@ -142,7 +153,7 @@ class TokenHooks:
                     a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
                 if mask is not None:
                     a = a * mask.to(a.dtype).unsqueeze(-1)
-                self._inputs[(id(x), bias)] = (x, a)  # x held: its id cannot be reused during this forward
+                local.inputs[(id(x), bias)] = (x, a)  # x held: its id cannot be reused during this forward
             if not output.requires_grad:  # first tracked layer: start the graph here
                 output.requires_grad_(True)
 
@@ -150,7 +161,7 @@ class TokenHooks:
                 g = g.detach()
                 if mask is not None:
                     g = g * mask.to(g.dtype).unsqueeze(-1)
-                self.callback(name, a, g)
+                callback(name, a, g)
 
             output.register_hook(grad_hook)
 
@@ -165,7 +176,7 @@ class TokenHooks:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._inputs = {}
+        self._local = threading.local()
         for h in self._handles:
             h.remove()
         for p, flag in self._saved_requires_grad:

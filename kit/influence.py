@@ -32,6 +32,8 @@ from __future__ import annotations
 import collections
 import math
 import os
+import threading
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -144,9 +146,82 @@ def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss
                 after_batch(i, b, losses.detach())
 
 
-def release_memory() -> None:
-    """Hand memory freed by the last pass back to the operating system (glibc keeps freed heap pages for reuse, so
-    the next stage's peak would stack on top of this one's); a no-op where the C library has no ``malloc_trim``."""
+def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], callbacks: Sequence[Callable],
+                        after_batch: Sequence[Optional[Callable]], loss_fn: Callable[[Batch], Tensor], start: int,
+                        stop: int, bar=None, replay: Optional["TokenCache"] = None) -> None:
+    """:func:`run_pass` over batches ``start … stop-1`` split among ``W = len(callbacks)`` threads of this process.
+
+    Batch ``start + j`` goes to thread ``j mod W``, which hands its ``(layer, a, g)`` to ``callbacks[j mod W]`` and
+    then calls ``after_batch[j mod W]`` (each thread its own sums: nothing is shared but the model, read-only, and
+    the token cache, which takes concurrent threads). Each thread runs its operations on ``1/W`` of the intra-op
+    threads. On a CPU, two batches side by side on one thread each beat one batch at a time on two: a small
+    model's matrix products are too small to split well over cores, and one thread's Python, autograd and
+    element-wise work overlaps the other's products. The first error any thread raises is raised here, after all
+    of them have stopped."""
+    W = len(callbacks)
+    device = next(model.parameters()).device
+    fail_after = int(os.environ.get("KIT_FAIL_AFTER_BATCHES", "0"))
+    threads, each = torch.get_num_threads(), max(1, torch.get_num_threads() // W)
+    errors: List[Optional[BaseException]] = [None] * W
+    stop_now = threading.Event()  # set on the first error (or an interrupt of the caller): the others stop too
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        try:
+            torch.set_num_threads(each)
+            h.bind(callbacks[k])
+            mine = list(range(start + k, stop, W))
+            for n, i in enumerate(mine):
+                if stop_now.is_set():
+                    return
+                if replay is not None and i in replay:
+                    for name, a, g in replay.get(i, device, then=mine[n + 1] if n + 1 < len(mine) else -1):
+                        callbacks[k](name, a, g)
+                    losses = None
+                else:
+                    if fail_after and i - start >= fail_after:
+                        raise KeyboardInterrupt(f"KIT_FAIL_AFTER_BATCHES={fail_after}: simulated kill")
+                    b = batches[i].to(device)
+                    h.set_mask(b.attention_mask)
+                    losses = loss_fn(b)
+                    losses.sum().backward()
+                    losses = losses.detach()
+                if after_batch[k] is not None:
+                    after_batch[k](i, batches[i] if losses is None else b, losses)
+                if bar is not None:
+                    with lock:
+                        bar.update()
+        except BaseException as e:  # noqa: BLE001  (re-raised by the caller's thread)
+            errors[k] = e
+            stop_now.set()
+
+    if replay is not None:
+        replay.readers = W
+    share_heap()
+    try:
+        with ekfac.hooks(model, modules, callbacks[0]) as h:
+            pool = [threading.Thread(target=work, args=(k,), name=f"kit-worker-{k}", daemon=True) for k in range(W)]
+            for t in pool:
+                t.start()
+            try:
+                for t in pool:
+                    t.join()
+            except BaseException:  # e.g. Ctrl-C: each thread ends its batch, then stops
+                stop_now.set()
+                for t in pool:
+                    t.join()
+                raise
+    finally:
+        torch.set_num_threads(threads)  # a thread's setting is also the default of threads started later
+        if replay is not None:
+            replay.readers = 1
+    for e in errors:
+        if e is not None:
+            raise e
+
+
+def _libc():
+    """glibc, or ``False`` where the C library is another (its heap tuning below is then skipped)."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -155,10 +230,25 @@ def release_memory() -> None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def release_memory() -> None:
+    """Hand memory freed by the last pass back to the operating system (glibc keeps freed heap pages for reuse, so
+    the next stage's peak would stack on top of this one's); a no-op where the C library has no ``malloc_trim``."""
+    if _libc():
+        _libc().malloc_trim(0)
+
+
+def share_heap() -> None:
+    """Let threads started from now on allocate from the heap the process already has instead of one heap
+    ("arena") each: memory one worker thread frees is then reused by the other, where separate arenas would each
+    keep their own high-water mark (about 100 MB more peak memory with two workers on the lab ``large`` model)."""
+    if _libc():
+        _libc().mallopt(-8, 1)  # M_ARENA_MAX
 
 
 _LIBC = None
@@ -184,6 +274,9 @@ class TokenCache:
     recomputing it. Tensors are kept in the dtype the hooks gave them (the model's), so a replay is bit-identical.
     The file has no name (it is unlinked as it is made); its space is freed by :meth:`close`, when the cache is
     garbage-collected, or when the process ends, however it ends.
+
+    Threads that run batches side by side (:func:`run_pass` with workers) may record, commit and replay at once:
+    each thread's batch in progress and read-ahead are its own, and the file's layout is kept under a lock.
     """
 
     def __init__(self, budget_bytes: float, directory: Optional[Union[str, "os.PathLike"]] = None):
@@ -191,8 +284,11 @@ class TokenCache:
         self.used = 0
         self.full = budget_bytes <= 0
         self.signature: Optional[dict] = None  # which batches these are (set by the owner; checked before reuse)
-        self._pending: List[Tuple[str, Tensor, Tensor]] = []  # in memory: this batch's parts until commit
-        self._batch: Optional[Tuple[int, list, list]] = None  # on disk: this batch's parts written so far
+        # per thread: in memory, its batch's parts until commit (`pending`); on disk, its batch's parts written so
+        # far (`batch`: their offsets, layout entries and `a` objects); its read-ahead (`ahead`)
+        self._local = threading.local()
+        self._layout_lock = threading.RLock()  # the file's end, the index, the budget and the writes in flight
+        self.readers = 1  # threads replaying at once (sizes the pool of read buffers)
         self._mem: Dict[int, List[Tuple[str, Tensor, Tensor]]] = {}
         # batch → ([file offset of each layer's part], [(layer, a dtype, a shape, g dtype, g shape)])
         self._index: Dict[int, Tuple[list, list]] = {}
@@ -211,12 +307,9 @@ class TokenCache:
             self._io = ThreadPoolExecutor(1, thread_name_prefix="token-cache")
             self._writing: "collections.deque" = collections.deque()  # (future, bytes) of writes in flight
             self._in_flight = 0
-            self._ahead: Optional[Tuple[int, object]] = None
             self._pool: List[np.ndarray] = []
             self._largest = 0  # bytes of the largest layer part written
-            import threading
-
-            self._lock = threading.Lock()
+            self._lock = threading.Lock()  # the pool of read buffers
             self._finalizer = weakref.finalize(self, _close_spill, self._file, self._io)  # closing deletes it
 
     @property
@@ -231,82 +324,98 @@ class TokenCache:
             callback(name, a, g)
             if self.full:
                 return
+            local = self._local
             if self._file is None:
-                self._pending.append((name, a, g))
+                local.__dict__.setdefault("pending", []).append((name, a, g))
                 return
-            if self._batch is None:  # where the batch starts, its parts' offsets, its parts, their `a` objects
-                self._batch = (self._end, [], [], [])
+            if getattr(local, "batch", None) is None:  # its parts' offsets, its parts, their `a` objects
+                local.batch = ([], [], [])
+            offsets, layout, inputs = local.batch
             # an `a` handed over before in this batch (layers with one input, see ekfac.TokenHooks) is written once;
             # the part refers to the earlier one
-            ref = next((j for j, x in enumerate(self._batch[3]) if x is a), -1)
+            ref = next((j for j, x in enumerate(inputs) if x is a), -1)
             part = (name, a.dtype, tuple(a.shape), g.dtype, tuple(g.shape), ref)
-            self._submit_write([_as_bytes(g)] if ref >= 0 else [_as_bytes(a), _as_bytes(g)], self._end,
+            with self._layout_lock:
+                offset = self._end
+                self._end += _part_bytes(part)
+            self._submit_write([_as_bytes(g)] if ref >= 0 else [_as_bytes(a), _as_bytes(g)], offset,
                                _part_bytes(part))
-            self._batch[1].append(self._end)
-            self._batch[2].append(part)
-            self._batch[3].append(a)
-            self._end += _part_bytes(part)
+            offsets.append(offset)
+            layout.append(part)
+            inputs.append(a)
         return wrapped
 
     def commit(self, i: int) -> None:
         """End of batch ``i``: keep its tensors if they fit, else stop caching (later batches are recomputed)."""
+        local = self._local
         if self._file is not None:
-            batch, self._batch = self._batch, None
+            batch, local.batch = getattr(local, "batch", None), None
             if batch is None or self.full:
                 return
-            begin, offsets, layout, _ = batch
-            size = self._end - begin
-            if self.used + size > self.budget:  # over budget: forget this batch's parts and cache no more
-                self.full = True
-                self._wait_for_write()
-                self._end = begin
-                os.ftruncate(self._file.fileno(), begin)
-                return
-            self.used += size
-            self._index[i] = (offsets, layout)
-            self._largest = max([self._largest] + [_part_bytes(p) for p in layout])
+            offsets, layout, _ = batch
+            size = sum(_part_bytes(p) for p in layout)
+            with self._layout_lock:
+                if self.full or self.used + size > self.budget:  # over budget: forget this batch, cache no more
+                    self.full = True
+                    if offsets[0] + size == self._end:  # its parts end the file (always so with one thread)
+                        self._wait_for_write()
+                        self._end = offsets[0]
+                        os.ftruncate(self._file.fileno(), self._end)
+                    return
+                self.used += size
+                self._index[i] = (offsets, layout)
+                self._largest = max([self._largest] + [_part_bytes(p) for p in layout])
             return
-        pending, self._pending = self._pending, []
+        pending, local.pending = getattr(local, "pending", []), []
         size = sum(g.numel() * g.element_size() for _, _, g in pending) + \
             sum(a.numel() * a.element_size() for a in {id(a): a for _, a, _ in pending}.values())  # a shared `a` once
         if not pending or self.full:
             return
-        if self.used + size > self.budget:
-            self.full = True
-            return
-        self.used += size
-        self._mem[i] = pending
+        with self._layout_lock:
+            if self.used + size > self.budget:
+                self.full = True
+                return
+            self.used += size
+            self._mem[i] = pending
 
     def _submit_write(self, views: List[np.ndarray], offset: int, nbytes: int) -> None:
         """Queue a write; the hooks go on while the I/O thread writes, with at most ``WRITE_AHEAD_BYTES`` waiting
         (waiting on each write instead leaves both cores idle while the disk copy runs)."""
-        while self._writing and self._in_flight + nbytes > WRITE_AHEAD_BYTES:
-            self._finish_oldest_write()
-        self._writing.append((self._io.submit(_write_all, self._file.fileno(), views, offset), nbytes))
-        self._in_flight += nbytes
+        while self._finish_oldest_write(until=WRITE_AHEAD_BYTES - nbytes):
+            pass
+        with self._layout_lock:
+            self._writing.append((self._io.submit(_write_all, self._file.fileno(), views, offset), nbytes))
+            self._in_flight += nbytes
 
-    def _finish_oldest_write(self) -> None:
-        future, nbytes = self._writing.popleft()
+    def _finish_oldest_write(self, until: Optional[int] = None) -> bool:
+        """Wait for the oldest write in flight, if any (and, given ``until``, if more than that many bytes are in
+        flight); ``True`` if there was one."""
+        with self._layout_lock:
+            if not self._writing or (until is not None and self._in_flight <= until):
+                return False
+            future, nbytes = self._writing.popleft()
+            self._in_flight -= nbytes
         future.result()  # re-raises a failed write (e.g. a full disk) here
-        self._in_flight -= nbytes
+        return True
 
     def _wait_for_write(self) -> None:
-        while self._writing:
-            self._finish_oldest_write()
+        while self._finish_oldest_write():
+            pass
 
     def __contains__(self, i: int) -> bool:
         return i in self._mem or i in self._index
 
-    def get(self, i: int, device=None) -> Iterator[Tuple[str, Tensor, Tensor]]:
+    def get(self, i: int, device=None, then: Optional[int] = None) -> Iterator[Tuple[str, Tensor, Tensor]]:
         """Batch ``i``'s ``(layer, a, g)``, in the order the hooks gave them, one layer at a time; the cache keeps
-        them for later passes. From disk, each layer's part is read while the one before it is replayed (the next
-        batch's first part after a batch's last), into a small pool of part-sized buffers: the process holds about
-        two layers of one batch, not whole batches."""
+        them for later passes. From disk, each layer's part is read while the one before it is replayed (the first
+        part of the batch the caller replays next, ``then``, default ``i + 1``, after a batch's last), into a small
+        pool of part-sized buffers: the process holds about two layers of one batch, not whole batches."""
         if i in self._mem:
             yield from self._mem[i]
             return
         keys = [(i, j) for j in range(len(self._index[i][1]))]
-        for _, name, a, g in self._replay(keys, (i + 1, 0) if i + 1 in self._index else None, device):
+        then = i + 1 if then is None else then
+        for _, name, a, g in self._replay(keys, (then, 0) if then in self._index else None, device):
             yield name, a, g
 
     def layers(self) -> List[str]:
@@ -344,9 +453,10 @@ class TokenCache:
         for n, key in enumerate(keys):
             i, j = key
             name, da, sa, dg, sg, ref = self._index[i][1][j]
-            buf = self._ahead[1].result() if self._ahead is not None and self._ahead[0] == key else self._read(key)
+            ahead = getattr(self._local, "ahead", None)
+            buf = ahead[1].result() if ahead is not None and ahead[0] == key else self._read(key)
             nxt = keys[n + 1] if n + 1 < len(keys) else then
-            self._ahead = (nxt, self._io.submit(self._read, nxt)) if nxt is not None else None
+            self._local.ahead = (nxt, self._io.submit(self._read, nxt)) if nxt is not None else None
             if batch_a and next(iter(batch_a))[0] != i:
                 batch_a.clear()
             pos = 0
@@ -390,7 +500,8 @@ class TokenCache:
                 if len(b) >= size and sys.getrefcount(b) == 3:  # the pool, the loop variable, getrefcount's argument
                     return b
             b = np.empty(max(size, self._largest), dtype=np.uint8)
-            if len(self._pool) < 4:  # the part replayed, the one read ahead, one its consumer holds, a shared `a`
+            # per reader: the part replayed, the one read ahead, one its consumer holds, a shared `a`
+            if len(self._pool) < 4 * self.readers:
                 self._pool.append(b)
             return b
 
@@ -401,7 +512,7 @@ class TokenCache:
         self.full = True
         if self._file is not None:
             self._writing.clear()
-            self._ahead = None
+            self._local = threading.local()
             self._pool = []
             self._finalizer()
             self._file = None
@@ -461,7 +572,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 checkpoint_every: int = 0, progress: bool = True,
                 cache_bytes: float = 0, factor_dtype: Optional[torch.dtype] = None,
                 keep_covariances: bool = False, stopwatch=None,
-                cache: Optional[TokenCache] = None) -> Dict[str, ekfac.LayerFactors]:
+                cache: Optional[TokenCache] = None, workers: int = 1) -> Dict[str, ekfac.LayerFactors]:
     """Covariances → eigendecomposition → corrected eigenvalues over ``batches`` of documents.
 
     ``checkpoint(state, factors)`` is called every ``checkpoint_every`` batches and at the end of each stage;
@@ -478,6 +589,11 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
     (covariances and token counts, Λ and sequence counts) are all-reduced at the end of the pass, and the layers'
     eigendecompositions are divided among the processes and broadcast (:mod:`kit.distributed`). Checkpoints then
     hold each process's own partial sums.
+
+    ``workers > 1`` (a CPU): each pass runs on that many threads of this process side by side
+    (:func:`run_pass_in_threads`), the first adding into ``factors``, the others into sums of their own that are
+    added to ``factors`` at every checkpoint and at the end of the pass, in worker order. The factors are the same
+    up to the order of float additions, and the same from run to run for a given ``workers``.
     """
     if fisher not in ("sampled", "empirical"):
         raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
@@ -496,6 +612,42 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 checkpoint(FitState(state.stage, i + 1), factors)
         return after
 
+    def in_threads(kind: str, desc: str, replay: Optional[TokenCache]) -> None:
+        """The pass over ``workers`` threads, in stretches that end where :func:`run_pass` would checkpoint."""
+        if kind == "covariance":
+            sums = [factors] + [{n: ekfac.LayerFactors(f.name, f.d_out, f.d_in, dtype=f.dtype) for n, f in factors.items()}
+                                for _ in range(workers - 1)]
+            callbacks = [cache.record(ekfac.accumulate_covariances(s)) for s in sums]
+        else:
+            sums = [factors] + [{n: dataclasses.replace(f, Lambda=None, n_sequences=0) for n, f in factors.items()}
+                                for _ in range(workers - 1)]
+            callbacks = [ekfac.accumulate_lambda(s) for s in sums]
+
+        def counting_into(mine):
+            def after(i, b, _losses):
+                if kind == "covariance":
+                    cache.commit(i)
+                for f in mine.values():
+                    if kind == "covariance":
+                        f.n_tokens += int(b.attention_mask.sum())
+                    else:
+                        f.n_sequences += b.input_ids.shape[0]
+            return after
+
+        every = checkpoint_every if checkpoint is not None and checkpoint_every else len(batches)
+        bar = tqdm(total=len(batches), initial=state.next_batch, desc=desc, disable=not progress)
+        start = state.next_batch
+        while start < len(batches):
+            stop = min(len(batches), (start // every + 1) * every)
+            run_pass_in_threads(model, modules, batches, callbacks, [counting_into(s) for s in sums], loss_fn,
+                                start, stop, bar, replay)
+            for s in sums[1:]:
+                _add_sums(factors, s, kind)
+            if checkpoint is not None and stop < len(batches) and stop % every == 0:
+                checkpoint(FitState(state.stage, stop), factors)
+            start = stop
+        bar.close()
+
     from .timing import Stopwatch
 
     sw = stopwatch if stopwatch is not None else Stopwatch()
@@ -509,8 +661,12 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
             count(i, b, losses)
 
         with sw("covariance pass"):
-            run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
-                     "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance, progress=progress)
+            if workers > 1:
+                in_threads("covariance", "EK-FAC covariances", None)
+            else:
+                run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
+                         "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance,
+                         progress=progress)
             _reduce_covariances(factors, model)
             release_memory()
         with sw("eigendecomposition"):
@@ -522,9 +678,12 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 checkpoint(state, factors)
     if state.stage == "lambda":
         with sw("eigenvalue correction"):
-            run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn,
-                     "EK-FAC eigenvalue correction", start=state.next_batch, after_batch=counting("lambda"),
-                     progress=progress, replay=cache)
+            if workers > 1:
+                in_threads("lambda", "EK-FAC eigenvalue correction", cache)
+            else:
+                run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn,
+                         "EK-FAC eigenvalue correction", start=state.next_batch, after_batch=counting("lambda"),
+                         progress=progress, replay=cache)
             _reduce_lambda(factors, model)
             ekfac.finalise_lambda(factors)
             release_memory()
@@ -535,6 +694,38 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
             with sw("writing"):
                 checkpoint(state, factors)
     return factors
+
+
+def _add_sums(factors: Dict[str, ekfac.LayerFactors], other: Dict[str, ekfac.LayerFactors], kind: str) -> None:
+    """Add a worker's sums (``kind`` "covariance": ``A``, ``S``, token counts; else ``Λ``, sequence counts) into
+    ``factors`` and zero them. A tensor shared by layers (one input's ``A``) is added once where ``factors``
+    shares it too, and into each layer's own where it does not (a fit resumed from saved sums)."""
+    done, copies = set(), {}
+    for name, mine in other.items():
+        f = factors[name]
+        if kind == "covariance":
+            if mine.A is None:  # this worker has not run a batch yet
+                continue
+            if f.A is None:
+                f.A = copies.setdefault(id(mine.A), mine.A.clone())
+                f.S = mine.S.clone()
+            else:
+                if id(f.A) not in done:
+                    f.A += mine.A
+                f.S += mine.S
+            done.add(id(f.A))
+            f.n_tokens += mine.n_tokens
+            mine.n_tokens = 0
+        else:
+            if mine.Lambda is None:
+                continue
+            f.Lambda = mine.Lambda.clone() if f.Lambda is None else f.Lambda.add_(mine.Lambda)
+            f.n_sequences += mine.n_sequences
+            mine.n_sequences = 0
+    for mine in other.values():
+        for t in (mine.A, mine.S) if kind == "covariance" else (mine.Lambda,):
+            if t is not None:
+                t.zero_()
 
 
 def _zeros_like_layer(f: ekfac.LayerFactors, device, shapes: Dict[str, tuple]) -> None:

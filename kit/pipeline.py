@@ -195,8 +195,11 @@ class Run:
         return DTYPE[self.cfg.factor_dtype]
 
     def doc_batches(self, batch_size: Optional[int] = None, docs=None):
+        """Batches of the documents (or of ``docs``); their padded tokens are capped at ``--max-batch-tokens``
+        divided among the fit's workers (:attr:`batch_tokens`), so that the batches in flight take one batch's
+        memory."""
         return make_batches(docs if docs is not None else self.docs, batch_size or self.cfg.batch_size, self.pad_id,
-                            max_batch_tokens=self.cfg.max_batch_tokens)
+                            max_batch_tokens=getattr(self, "batch_tokens", self.cfg.max_batch_tokens))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,6 +246,14 @@ def _fit_run(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -
         raise
 
 
+def fit_workers(requested: Optional[int], device: str) -> int:
+    """``--workers``: as given, else 2 on a CPU with at least 2 intra-op threads and 1 elsewhere (a GPU runs one
+    batch at a time)."""
+    if requested is not None:
+        return requested
+    return 2 if str(device) == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
 def token_cache(cfg: FitConfig, device: str, where: Path) -> "influence.TokenCache":
     """The fit's :class:`~kit.influence.TokenCache`: in memory on a GPU, spilled to a file in ``where`` on a CPU
     (``--cache-on``), up to ``--cache-gb`` (default 2 GiB in memory; 8 GiB on disk, at most half the free space)."""
@@ -261,17 +272,20 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -> "R
     _say(f"{len(run.docs)} documents; {run.docs.note}; {d.world} process(es) on {run.device}", quiet)
     fdir = out / "factors" / run.factor_key
     fdir.mkdir(parents=True, exist_ok=True)
+    workers = fit_workers(cfg.workers, run.device)
+    if workers > 1 and cfg.max_batch_tokens:  # W batches in flight, each with 1/W of the tokens of one
+        run.batch_tokens = max(1, cfg.max_batch_tokens // workers)
     if d.main:
         conf = _read_config(out)
         if conf.get("fit_corpus") != run.docs.key or not (out / "documents.parquet").exists():
             shutil.copyfile(run.docs.path / "documents.parquet", out / "documents.parquet")
         _update_config(out, fit=to_dict(cfg), factor_key=run.factor_key, fit_corpus=run.docs.key,
                        model_key=run.model_key, model_source=source_fingerprint(cfg.model), max_tokens=run.max_tokens,
-                       documents_note=run.docs.note,
+                       documents_note=run.docs.note, batch_tokens=run.doc_batches().max_batch_tokens,
                        modules=list(run.modules),
                        latest_scores=conf.get("latest_scores") if conf.get("factor_key") == run.factor_key else None)
     batches = run.doc_batches()
-    signature = {**batches.signature, "world": d.world}
+    signature = {**batches.signature, "world": d.world, **({"workers": workers} if workers > 1 else {})}
     made = {"factor_key": run.factor_key}
     with _stage_lock(fdir / ".lock"):
         state = _fit_state(fdir, made, signature, quiet)
@@ -304,12 +318,12 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -> "R
 
         t0 = time.time()
         cache = token_cache(cfg, run.device, fdir)
-        cache.signature = signature
+        cache.signature = {**batches.signature, "world": d.world}  # which batches it holds (however many workers)
         try:
             influence.fit_factors(run.model, run.modules, batches.shard(d.rank, d.world), cfg.fisher, cfg.seed,
                                   factors, state, checkpoint, cfg.checkpoint_every, progress=not quiet,
                                   factor_dtype=run.factor_dtype, keep_covariances=cfg.keep_covariances,
-                                  stopwatch=run.stopwatch, cache=cache)
+                                  stopwatch=run.stopwatch, cache=cache, workers=workers)
         except BaseException:
             cache.close()
             raise
@@ -456,6 +470,8 @@ def open_run(run: Union[str, Path], quiet: bool = False, device: Optional[str] =
     if not same:
         raise InputError(f"the model {cfg.model} changed since {run} was fitted; run `kit fit` again")
     r.factor_key = conf["factor_key"]
+    if "batch_tokens" in conf:  # score in the fit's batches (a replayed and a separate scoring then agree bit for bit)
+        r.batch_tokens = conf["batch_tokens"]
     return r
 
 

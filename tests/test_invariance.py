@@ -315,3 +315,48 @@ def test_token_cache_on_disk_round_trips_every_dtype_and_shape(tmp_path, dtype):
                              for items in batches.values() for _, a, b in items)
     cache.close()
     assert 0 not in cache and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_worker_threads_give_the_same_factors_every_time(setup, where, tmp_path):
+    """Two or three threads side by side (each batch to one of them, each with its own sums, added at every
+    checkpoint in worker order) give the single thread's factors up to float rounding, the same ones on every run,
+    the same checkpoints, and replay the token cache they filled together (spilled to a file or in memory)."""
+    model, mods, docs, queries = setup
+    batches = make_batches(docs, 3, 0)  # 6 batches
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+
+    def fit(workers, budget=1e9):
+        calls.clear()
+        saved = []
+        cache = influence.TokenCache(budget, directory=tmp_path if where == "disk" else None)
+        f = influence.fit_factors(model, mods, batches, fisher="sampled", seed=3, progress=False, cache=cache,
+                                  keep_covariances=True, workers=workers, checkpoint_every=4,
+                                  checkpoint=lambda st, fs: saved.append((st.stage, st.next_batch)))
+        used = cache.used
+        cache.close()
+        fit.used = used
+        return f, len(calls), saved
+
+    try:
+        one, n1, saved1 = fit(1)
+        half = fit.used / 2
+        for workers in (2, 3):
+            two, n2, saved2 = fit(workers)
+            again, _, _ = fit(workers)
+            part, n_part, _ = fit(workers, budget=half)  # some batches cached, the others recomputed
+            assert n1 == n2 == len(batches)  # the correction pass replayed every batch
+            assert len(batches) < n_part < 2 * len(batches)
+            assert saved2 == saved1 == [("covariance", 4), ("lambda", 0), ("lambda", 4), ("done", 0)]
+            for name in mods:
+                for k in ("A", "S", "Lambda"):
+                    torch.testing.assert_close(getattr(two[name], k), getattr(one[name], k), rtol=1e-9, atol=1e-15)
+                    assert torch.equal(getattr(again[name], k), getattr(two[name], k))  # deterministic
+                torch.testing.assert_close(part[name].Lambda, one[name].Lambda, rtol=1e-9, atol=1e-15)
+                assert two[name].n_tokens == one[name].n_tokens and two[name].n_sequences == len(docs.ids)
+            shared = [n for n in mods if n.endswith("up_proj")]  # an MLP's gate and up projections share one A
+            assert shared and all(two[n].Q_A is two[n.replace("up_proj", "gate_proj")].Q_A for n in shared)
+    finally:
+        handle.remove()
+    assert not list(tmp_path.iterdir())
