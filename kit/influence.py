@@ -148,7 +148,8 @@ def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss
 
 def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], callbacks: Sequence[Callable],
                         after_batch: Sequence[Optional[Callable]], loss_fn: Callable[[Batch], Tensor], start: int,
-                        stop: int, bar=None, replay: Optional["TokenCache"] = None) -> None:
+                        stop: int, bar=None, replay: Optional["TokenCache"] = None,
+                        pass_start: Optional[int] = None) -> None:
     """:func:`run_pass` over batches ``start … stop-1`` split among ``W = len(callbacks)`` threads of this process.
 
     Batch ``start + j`` goes to thread ``j mod W``, which hands its ``(layer, a, g)`` to ``callbacks[j mod W]`` and
@@ -157,8 +158,10 @@ def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], cal
     threads. On a CPU, two batches side by side on one thread each beat one batch at a time on two: a small
     model's matrix products are too small to split well over cores, and one thread's Python, autograd and
     element-wise work overlaps the other's products. The first error any thread raises is raised here, after all
-    of them have stopped."""
+    of them have stopped. ``pass_start``: where the whole pass started, when this is a stretch of it (the fault
+    injection of the resume tests counts batches from there)."""
     W = len(callbacks)
+    pass_start = start if pass_start is None else pass_start
     device = next(model.parameters()).device
     fail_after = int(os.environ.get("KIT_FAIL_AFTER_BATCHES", "0"))
     threads, each = torch.get_num_threads(), max(1, torch.get_num_threads() // W)
@@ -179,7 +182,7 @@ def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], cal
                         callbacks[k](name, a, g)
                     losses = None
                 else:
-                    if fail_after and i - start >= fail_after:
+                    if fail_after and i - pass_start >= fail_after:
                         raise KeyboardInterrupt(f"KIT_FAIL_AFTER_BATCHES={fail_after}: simulated kill")
                     b = batches[i].to(device)
                     h.set_mask(b.attention_mask)
@@ -640,7 +643,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
         while start < len(batches):
             stop = min(len(batches), (start // every + 1) * every)
             run_pass_in_threads(model, modules, batches, callbacks, [counting_into(s) for s in sums], loss_fn,
-                                start, stop, bar, replay)
+                                start, stop, bar, replay, pass_start=state.next_batch)
             for s in sums[1:]:
                 _add_sums(factors, s, kind)
             if checkpoint is not None and stop < len(batches) and stop % every == 0:
