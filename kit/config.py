@@ -58,8 +58,8 @@ class FitConfig:
         "threads of this process that run batches side by side on a CPU, each with its share of the intra-op threads "
         "and its own sums (added up in a fixed order: the same factors up to float rounding); each worker's batches "
         "hold at most --max-batch-tokens / workers tokens, so the batches in flight take one batch's memory. "
-        "Default: 2 on a CPU with at least 2 threads (a small model's products split poorly over cores; two "
-        "batches at once keep both busy), 1 on a GPU", default=None)
+        "Default: 2 on a CPU with at least 2 threads for a model under 20M parameters (its products split poorly "
+        "over cores; two batches at once keep both busy), else 1", default=None)
 
     def validate(self) -> "FitConfig":
         if self.fisher not in ("sampled", "empirical"):
