@@ -126,24 +126,31 @@ def run_pass(model: nn.Module, modules, batches: Sequence[Batch], callback, loss
     Batches held in ``replay`` (a :class:`TokenCache` filled by an earlier pass over the same batches) are handed
     to ``callback`` from memory instead, without a forward or backward; ``after_batch`` then gets ``None`` losses.
     """
-    device = next(model.parameters()).device  # the one place documents cross to the compute device
-    fail_after = int(os.environ.get("KIT_FAIL_AFTER_BATCHES", "0"))  # fault injection for the resume tests
     with ekfac.hooks(model, modules, callback) as h:
         for i in tqdm(range(start, len(batches)), desc=desc, initial=start, total=len(batches), disable=not progress):
-            if replay is not None and i in replay:
-                for name, a, g in replay.get(i, device):
-                    callback(name, a, g)
-                if after_batch is not None:
-                    after_batch(i, batches[i], None)
-                continue
-            if fail_after and i - start >= fail_after:
-                raise KeyboardInterrupt(f"KIT_FAIL_AFTER_BATCHES={fail_after}: simulated kill")
-            b = batches[i].to(device)
-            h.set_mask(b.attention_mask)
-            losses = loss_fn(b)
-            losses.sum().backward()
+            b, losses = _run_batch(model, batches, i, h, callback, loss_fn, replay, i - start)
             if after_batch is not None:
-                after_batch(i, b, losses.detach())
+                after_batch(i, b, losses)
+
+
+def _run_batch(model: nn.Module, batches: Sequence[Batch], i: int, h: "ekfac.TokenHooks", callback, loss_fn,
+               replay: Optional["TokenCache"], nth: int, then: Optional[int] = None) -> Tuple[Batch, Optional[Tensor]]:
+    """Batch ``i`` of a pass (its ``nth`` batch): replayed from the token cache to ``callback`` (reading batch
+    ``then`` ahead) if it holds it, else forward + backward through the hooks. Returns the batch as run and its
+    losses (``None`` when replayed)."""
+    device = next(model.parameters()).device  # the one place documents cross to the compute device
+    if replay is not None and i in replay:
+        for name, a, g in replay.get(i, device, then=then):
+            callback(name, a, g)
+        return batches[i], None
+    fail_after = int(os.environ.get("KIT_FAIL_AFTER_BATCHES", "0"))  # fault injection for the resume tests
+    if fail_after and nth >= fail_after:
+        raise KeyboardInterrupt(f"KIT_FAIL_AFTER_BATCHES={fail_after}: simulated kill")
+    b = batches[i].to(device)
+    h.set_mask(b.attention_mask)
+    losses = loss_fn(b)
+    losses.sum().backward()
+    return b, losses.detach()
 
 
 def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], callbacks: Sequence[Callable],
@@ -162,8 +169,6 @@ def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], cal
     injection of the resume tests counts batches from there)."""
     W = len(callbacks)
     pass_start = start if pass_start is None else pass_start
-    device = next(model.parameters()).device
-    fail_after = int(os.environ.get("KIT_FAIL_AFTER_BATCHES", "0"))
     threads, each = torch.get_num_threads(), max(1, torch.get_num_threads() // W)
     errors: List[Optional[BaseException]] = [None] * W
     stop_now = threading.Event()  # set on the first error (or an interrupt of the caller): the others stop too
@@ -177,20 +182,10 @@ def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], cal
             for n, i in enumerate(mine):
                 if stop_now.is_set():
                     return
-                if replay is not None and i in replay:
-                    for name, a, g in replay.get(i, device, then=mine[n + 1] if n + 1 < len(mine) else -1):
-                        callbacks[k](name, a, g)
-                    losses = None
-                else:
-                    if fail_after and i - pass_start >= fail_after:
-                        raise KeyboardInterrupt(f"KIT_FAIL_AFTER_BATCHES={fail_after}: simulated kill")
-                    b = batches[i].to(device)
-                    h.set_mask(b.attention_mask)
-                    losses = loss_fn(b)
-                    losses.sum().backward()
-                    losses = losses.detach()
+                b, losses = _run_batch(model, batches, i, h, callbacks[k], loss_fn, replay, i - pass_start,
+                                       then=mine[n + 1] if n + 1 < len(mine) else -1)
                 if after_batch[k] is not None:
-                    after_batch[k](i, batches[i] if losses is None else b, losses)
+                    after_batch[k](i, b, losses)
                 if bar is not None:
                     with lock:
                         bar.update()
