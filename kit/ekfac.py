@@ -130,7 +130,7 @@ class TokenHooks:
 
     def bind(self, callback: Callable[[str, Tensor, Tensor], None]) -> None:
         """Hand the calling thread's batches to ``callback`` instead of the one given at construction: threads that
-        run batches side by side (:func:`kit.influence.run_pass` with workers) each keep their own sums."""
+        run batches side by side (:func:`kit.influence.run_pass_in_threads`) each keep their own sums."""
         self._local.callback = callback
 
     def _forward_hook(self, name: str, module: nn.Module):
@@ -142,9 +142,8 @@ class TokenHooks:
             local = self._local
             x, mask = inputs[0], getattr(local, "mask", None)
             callback = getattr(local, "callback", self.callback)
-            if not hasattr(local, "inputs"):
-                local.inputs = {}
-            seen = local.inputs.get((id(x), bias))
+            inputs_seen = local.__dict__.setdefault("inputs", {})
+            seen = inputs_seen.get((id(x), bias))
             if seen is not None and seen[0] is x:  # another layer's input too: the same `a`
                 a = seen[1]
             else:
@@ -153,7 +152,7 @@ class TokenHooks:
                     a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
                 if mask is not None:
                     a = a * mask.to(a.dtype).unsqueeze(-1)
-                local.inputs[(id(x), bias)] = (x, a)  # x held: its id cannot be reused during this forward
+                inputs_seen[(id(x), bias)] = (x, a)  # x held: its id cannot be reused during this forward
             if not output.requires_grad:  # first tracked layer: start the graph here
                 output.requires_grad_(True)
 

@@ -176,8 +176,9 @@ def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], cal
 
     def work(k: int) -> None:
         try:
-            torch.set_num_threads(each)
-            h.bind(callbacks[k])
+            if W > 1:
+                torch.set_num_threads(each)
+                h.bind(callbacks[k])
             mine = list(range(start + k, stop, W))
             for n, i in enumerate(mine):
                 if stop_now.is_set():
@@ -193,6 +194,12 @@ def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], cal
             errors[k] = e
             stop_now.set()
 
+    if W == 1:  # in the caller's own thread, with all of its intra-op threads
+        with ekfac.hooks(model, modules, callbacks[0]) as h:
+            work(0)
+        if errors[0] is not None:
+            raise errors[0]
+        return
     if replay is not None:
         replay.readers = W
     share_heap()
@@ -273,7 +280,7 @@ class TokenCache:
     The file has no name (it is unlinked as it is made); its space is freed by :meth:`close`, when the cache is
     garbage-collected, or when the process ends, however it ends.
 
-    Threads that run batches side by side (:func:`run_pass` with workers) may record, commit and replay at once:
+    Threads that run batches side by side (:func:`run_pass_in_threads`) may record, commit and replay at once:
     each thread's batch in progress and read-ahead are its own, and the file's layout is kept under a lock.
     """
 
@@ -599,19 +606,9 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
     state = state or FitState()
     loss_fn = lambda b: token_losses(model, b, fisher, seed)  # noqa: E731
 
-    def counting(kind):
-        def after(i, b, _losses):
-            for f in factors.values():
-                if kind == "covariance":
-                    f.n_tokens += int(b.attention_mask.sum())
-                else:
-                    f.n_sequences += b.input_ids.shape[0]
-            if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < len(batches):
-                checkpoint(FitState(state.stage, i + 1), factors)
-        return after
-
     def in_threads(kind: str, desc: str, replay: Optional[TokenCache]) -> None:
-        """The pass over ``workers`` threads, in stretches that end where :func:`run_pass` would checkpoint."""
+        """The pass over ``workers`` threads (the caller's own thread for one), in stretches of
+        ``checkpoint_every`` batches, each ending with the workers' sums added up and a checkpoint."""
         if kind == "covariance":
             sums = [factors] + [{n: ekfac.LayerFactors(f.name, f.d_out, f.d_in, dtype=f.dtype) for n, f in factors.items()}
                                 for _ in range(workers - 1)]
@@ -625,10 +622,11 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
             def after(i, b, _losses):
                 if kind == "covariance":
                     cache.commit(i)
-                for f in mine.values():
-                    if kind == "covariance":
-                        f.n_tokens += int(b.attention_mask.sum())
-                    else:
+                    n = int(b.attention_mask.sum())
+                    for f in mine.values():
+                        f.n_tokens += n
+                else:
+                    for f in mine.values():
                         f.n_sequences += b.input_ids.shape[0]
             return after
 
@@ -652,19 +650,8 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
     own_cache = cache is None
     cache = TokenCache(cache_bytes) if own_cache else cache
     if state.stage == "covariance":
-        count = counting("covariance")
-
-        def after_covariance(i, b, losses):
-            cache.commit(i)
-            count(i, b, losses)
-
         with sw("covariance pass"):
-            if workers > 1:
-                in_threads("covariance", "EK-FAC covariances", None)
-            else:
-                run_pass(model, modules, batches, cache.record(ekfac.accumulate_covariances(factors)), loss_fn,
-                         "EK-FAC covariances", start=state.next_batch, after_batch=after_covariance,
-                         progress=progress)
+            in_threads("covariance", "EK-FAC covariances", None)
             _reduce_covariances(factors, model)
             release_memory()
         with sw("eigendecomposition"):
@@ -676,12 +663,7 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
                 checkpoint(state, factors)
     if state.stage == "lambda":
         with sw("eigenvalue correction"):
-            if workers > 1:
-                in_threads("lambda", "EK-FAC eigenvalue correction", cache)
-            else:
-                run_pass(model, modules, batches, ekfac.accumulate_lambda(factors), loss_fn,
-                         "EK-FAC eigenvalue correction", start=state.next_batch, after_batch=counting("lambda"),
-                         progress=progress, replay=cache)
+            in_threads("lambda", "EK-FAC eigenvalue correction", cache)
             _reduce_lambda(factors, model)
             ekfac.finalise_lambda(factors)
             release_memory()

@@ -163,6 +163,7 @@ class Run:
                  stopwatch: Optional[Stopwatch] = None):
         self.path, self.cfg, self.quiet = Path(path), cfg, quiet
         self.token_cache: Optional[influence.TokenCache] = None  # the fit's, kept for a scoring pass in this process
+        self.batch_tokens = cfg.max_batch_tokens  # per batch; divided among a fit's workers (see doc_batches)
         self.stopwatch = sw = stopwatch if stopwatch is not None else Stopwatch()
         if STARTUP_S:
             sw.add("start-up and imports", STARTUP_S)
@@ -199,7 +200,7 @@ class Run:
         divided among the fit's workers (:attr:`batch_tokens`), so that the batches in flight take one batch's
         memory."""
         return make_batches(docs if docs is not None else self.docs, batch_size or self.cfg.batch_size, self.pad_id,
-                            max_batch_tokens=getattr(self, "batch_tokens", self.cfg.max_batch_tokens))
+                            max_batch_tokens=self.batch_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,8 +284,6 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -> "R
     workers = fit_workers(cfg.workers, run.device, sum(p.numel() for p in run.model.parameters()))
     if workers > 1 and cfg.max_batch_tokens:  # W batches in flight, each with 1/W of the tokens of one
         run.batch_tokens = max(1, cfg.max_batch_tokens // workers)
-    if workers > 1:
-        influence.share_heap()  # before the token cache's I/O thread starts
     if d.main:
         conf = _read_config(out)
         if conf.get("fit_corpus") != run.docs.key or not (out / "documents.parquet").exists():
