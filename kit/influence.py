@@ -98,12 +98,18 @@ def token_losses(model: nn.Module, batch: Batch, fisher: str = "empirical", seed
 
 
 def _nonfinite_message(model: nn.Module, batch: Batch) -> str:
-    """Name the first linear layer whose output is NaN/inf on this batch."""
+    """Name the first linear layer whose output is NaN/inf on this batch.
+
+    Module hooks fire in every thread, so another fit worker's forward could report its own layers here: the
+    hook only listens to the calling thread.
+    """
     first: List[str] = []
+    me = threading.get_ident()
 
     def hook(name):
         def fn(mod, inp, out):
-            if not first and isinstance(out, Tensor) and not torch.isfinite(out).all():
+            if (not first and threading.get_ident() == me and isinstance(out, Tensor)
+                    and not torch.isfinite(out).all()):
                 first.append(name)
         return fn
 

@@ -1,6 +1,7 @@
 """Every bad input gets one clear error that names what to fix."""
 
 import json
+import threading
 
 import pandas as pd
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from kit import FitConfig, ScoreConfig, ekfac, fit, score
 from kit.cli import main
-from kit.corpus import InputError, load_corpus, load_queries, tokenise_documents
+from kit.corpus import Batch, InputError, load_corpus, load_queries, tokenise_documents
+from kit.influence import _nonfinite_message
 from kit.models import ModelError, load_model, tracked_modules
 from kit.smoke import tiny_model
 
@@ -75,14 +77,40 @@ def test_nan_covariance_names_the_layer():
         ekfac.eigendecompose({"x": f})
 
 
-def test_nan_weights_fail_the_fit_with_a_named_layer(smoke_world, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_nan_weights_fail_the_fit_with_a_named_layer(smoke_world, tmp_path, workers):
     model, tok = load_model(smoke_world["model"])
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
     model.save_pretrained(tmp_path / "broken")
     tok.save_pretrained(tmp_path / "broken")
-    with pytest.raises(ekfac.FactorError, match=r"layer model\.layers\.\d\.mlp\.\w+_proj: .* NaN or inf"):
-        fit(FitConfig(model=str(tmp_path / "broken"), corpus=smoke_world["corpus"]), tmp_path / "run", quiet=True)
+    with pytest.raises(ekfac.FactorError, match=r"layer model\.layers\.1\.mlp\.up_proj: .* NaN or inf"):
+        fit(FitConfig(model=str(tmp_path / "broken"), corpus=smoke_world["corpus"], workers=workers),
+            tmp_path / "run", quiet=True)
+
+
+def test_nan_layer_is_named_from_the_callers_forward_not_another_threads():
+    """Module hooks fire in every thread: a second fit worker reaching a broken ``lm_head`` while the first
+    looks for its broken layer must not be reported (a race the CI machine once hit)."""
+    model = tiny_model("llama", vocab_size=30, hidden=8, intermediate=12, layers=2, heads=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+        model.lm_head.weight[0, 0] = float("inf")
+    other = threading.Thread(target=lambda: model.lm_head(torch.ones(1, 8)))
+    started = []
+
+    def other_worker_runs_now(mod, args):  # deterministic interleaving: the other thread's lm_head goes first
+        if not started:
+            started.append(True)
+            other.start()
+            other.join()
+
+    handle = model.model.layers[0].register_forward_pre_hook(other_worker_runs_now)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, index=torch.tensor([7]))
+    message = _nonfinite_message(model, batch)
+    handle.remove()
+    assert started and message.startswith("layer model.layers.1.mlp.up_proj: produces NaN or inf outputs on documents [7]")
 
 
 def test_missing_model_path(tmp_path):
