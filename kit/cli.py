@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cache-gb", type=float, default=None, help=_h(PlanConfig, "cache_gb"))
     pl.add_argument("--cache-on", choices=["auto", "memory", "disk"], default="auto", help=_h(PlanConfig, "cache_on"))
     pl.add_argument("--memory-gb", type=float, help=_h(PlanConfig, "memory_gb"))
+    pl.add_argument("--workers", type=int, default=None, help=_h(PlanConfig, "workers"))
     pl.add_argument("--no-measure", action="store_true", help="memory from shapes only; no batches are run")
     pl.add_argument("--json", help="also write the plan as JSON to this file")
 
@@ -212,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .plan import process_age
 
             pipeline.STARTUP_S = process_age()
-            if args.cmd == "fit" and args.workers != 1:  # before any thread starts (see influence.share_heap)
+            if args.cmd in ("fit", "plan") and args.workers != 1:  # before any thread starts (influence.share_heap)
                 from .influence import share_heap
 
                 share_heap()
@@ -269,7 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                                 max_tokens=args.max_tokens, query_rank=args.query_rank, modules=args.modules,
                                 query_batch_size=args.query_batch_size, cache_gb=args.cache_gb,
-                                cache_on=args.cache_on, measure=not args.no_measure, memory_gb=args.memory_gb))
+                                cache_on=args.cache_on, measure=not args.no_measure, memory_gb=args.memory_gb,
+                                workers=args.workers))
             print(render(p))
             if args.json:
                 import json as _json

@@ -16,7 +16,8 @@ will not fit. Memory is counted from the shapes involved:
 
 Times are measured on a few batches of the real corpus with the kit's own passes (per padded token, covariance
 pass and scoring pass), plus the eigendecomposition of each distinct layer size, and scaled to the corpus and the
-number of processes. A model given only as a configuration (``config.json`` without weights) gets the memory
+number of processes. The fit's passes are timed as the fit runs them: through :func:`kit.influence.fit_factors`,
+on the fit's worker threads (``--workers``) with each worker's batches of ``--max-batch-tokens / workers``. A model given only as a configuration (``config.json`` without weights) gets the memory
 plan and no time estimate.
 """
 
@@ -63,6 +64,8 @@ class PlanConfig:
     measure: bool = _help("measure time and activation memory on a few batches (needs the weights)", default=True)
     memory_gb: Optional[float] = _help("memory available per process (default: the GPU's, or the machine's RAM)",
                                        default=None)
+    workers: Optional[int] = _help("the fit's worker threads on a CPU (default: as `kit fit` chooses, see "
+                                   "FitConfig.workers); the fit's passes are timed with them", default=None)
 
 
 def _rss() -> int:
@@ -130,10 +133,12 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     from . import ekfac
     from .corpus import build_token_store, count_records
     from .models import tracked_modules
-    from .pipeline import DTYPE, resolve_device
+    from .pipeline import DTYPE, fit_workers, resolve_device
 
     if cfg.nproc < 1:
         raise InputError(f"--nproc must be at least 1, got {cfg.nproc}")
+    if cfg.workers is not None and not (isinstance(cfg.workers, int) and cfg.workers >= 1):
+        raise InputError(f"--workers must be a whole number of at least 1, got {cfg.workers!r}")
     if cfg.dtype not in DTYPE:
         raise InputError(f"--dtype must be one of {sorted(DTYPE)}, got {cfg.dtype!r}")
     rank = parse_rank(cfg.query_rank)
@@ -149,6 +154,10 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     mb = torch.tensor([], dtype=DTYPE[cfg.dtype]).element_size()
     fb = 8 if cfg.factor_dtype == "float64" else 4
     n_params = sum(p.numel() for p in model.parameters())
+    workers = fit_workers(cfg.workers, device, n_params)
+    # the fit's batches: with W workers each holds 1/W of the token cap (the scoring pass keeps the whole cap)
+    fit_batch_tokens = max(1, cfg.max_batch_tokens // workers) if cfg.max_batch_tokens and workers > 1 \
+        else (cfg.max_batch_tokens or None)
     ctx = getattr(model.config, "max_position_embeddings", None) or 512
     max_tokens = cfg.max_tokens or min(512, ctx)
 
@@ -174,12 +183,14 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
             D = int(round(n_docs * pieces))
             mean_len = float(sample_lengths.mean())
             padded = _padding_ratio(sample_lengths, cfg.batch_size, cfg.max_batch_tokens or None)
+            padded_fit = _padding_ratio(sample_lengths, cfg.batch_size, fit_batch_tokens)
             if has_weights and cfg.measure:
-                timing = _measure(cfg, model, mods, tok, st, rank, device, Q, D * mean_len * padded / cfg.nproc)
+                timing = _measure(cfg, model, mods, tok, st, rank, device, Q, D * mean_len * padded / cfg.nproc,
+                                  workers, fit_batch_tokens)
     else:
         D = int(cfg.n_docs)
         mean_len = float(cfg.tokens_per_doc or max_tokens)
-        padded, timing = 1.0, None
+        padded, padded_fit, timing = 1.0, 1.0, None
     if cfg.corpus is None or not (has_weights and cfg.measure):
         timing = None
     tokens = D * mean_len
@@ -196,7 +207,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     if cfg.max_batch_tokens:
         B = max(1, min(B, cfg.max_batch_tokens // max(1, longest)))
     batch_tokens = B * longest
-    if timing and timing.get("activation_bytes", 0) > 0:
+    if timing and timing.get("activation_bytes", 0) > 0:  # the fit's W batches in flight, 1/W of the tokens each
         activations = timing["activation_bytes"]
     else:  # not measured, or the peak did not move (a long-lived process reuses memory it freed before)
         if timing:
@@ -209,7 +220,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     per_token_cache = sum(o + i for o, i in layers) * mb
     cache_on_disk = cfg.cache_on == "disk" or (cfg.cache_on == "auto" and not str(device).startswith("cuda"))
     cache_gb = cfg.cache_gb if cfg.cache_gb is not None else (8.0 if cache_on_disk else 2.0)
-    cache = min(cache_gb * GiB, padded_tokens / cfg.nproc * per_token_cache)
+    cache = min(cache_gb * GiB, tokens * padded_fit / cfg.nproc * per_token_cache)
     cache_mem = batch_tokens * per_token_cache if cache_on_disk else cache  # on disk: one batch read back at a time
     if rank == "full":
         query_p = Q * sum_io * fb
@@ -233,10 +244,13 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     # -- time
     times = None
     if timing:
-        cached = min(1.0, cache / max(1.0, padded_tokens / cfg.nproc * per_token_cache))  # share replayed
-        per_token = timing["fit_s_per_token"] * (2 - cached) + timing["replay_s_per_token"]  # two passes, less cache
+        fit_tokens = tokens * padded_fit / cfg.nproc
+        cached = min(1.0, cache / max(1.0, fit_tokens * per_token_cache))  # share replayed
+        # two passes, less the cache: the correction's own work (replay_s) is paid for every token, the model's
+        # forward + backward (within fit_s) again for the tokens not cached
+        per_token = timing["fit_s_per_token"] * (2 - cached) + timing["replay_s_per_token"]
         start = startup_s + load_s + tokenise_s * n_docs  # start-up, model load, tokenising the corpus once
-        times = {"fit": start + padded_tokens / cfg.nproc * per_token + timing["eigh_s"],
+        times = {"fit": start + fit_tokens * per_token + timing["eigh_s"],
                  "score": startup_s + load_s + padded_tokens / cfg.nproc * timing["score_s_per_token"]
                  + Q * timing["query_s"]}
         timing.update(model_load_s=load_s, tokenise_s_per_doc=tokenise_s, startup_s=startup_s)
@@ -268,7 +282,8 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
                               "(--nproc, or torchrun --nnodes for several machines)")
     return {"inputs": {"model": cfg.model, "parameters": n_params, "tracked_layers": len(layers),
                        "tracked_weights": sum_io, "documents": D, "tokens": tokens, "padding": padded,
-                       "queries": Q, "nproc": cfg.nproc, "device": device, "dtype": cfg.dtype,
+                       "queries": Q, "nproc": cfg.nproc, "workers": workers,
+                       "fit_batch_tokens": fit_batch_tokens, "device": device, "dtype": cfg.dtype,
                        "measured": bool(timing)},
             "memory": memory, "baseline": base, "peak": peaks, "available": avail, "time": times,
             "timing": timing, "disk": {"score store": store_bytes, "tokens": tokens * 4,
@@ -286,22 +301,32 @@ def _padding_ratio(lengths, batch_size: int, max_batch_tokens: Optional[int]) ->
     return b.padded_tokens / float(lengths.sum())
 
 
-def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int, doc_tokens: float) -> Dict:
+def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int, doc_tokens: float,
+             workers: int = 1, fit_batch_tokens: Optional[int] = None) -> Dict:
     """Time and peak memory of the kit's own passes on the longest batches of a corpus sample. ``Q`` queries will
     be scored against ``doc_tokens`` padded document tokens per process: that decides, as in a real run, which
     layers' preconditioned queries stay in the eigenbasis (see :func:`influence.preconditioned_queries`), and so
-    what preconditioning a query and scoring a document cost."""
+    what preconditioning a query and scoring a document cost. The fit's two passes run through
+    :func:`influence.fit_factors` on ``workers`` threads over batches of at most ``fit_batch_tokens`` tokens, as
+    ``kit fit`` runs them; the scoring pass over batches of ``--max-batch-tokens``."""
     import torch
 
     from . import ekfac, influence
     from .corpus import Batch, make_batches
+    from .timing import Stopwatch
 
     cuda = device.startswith("cuda")
-    batches = make_batches(store, cfg.batch_size, int(tok.pad_token_id), max_batch_tokens=cfg.max_batch_tokens or None)
-    n = min(3, len(batches))
-    # the longest batch (first: documents are sorted by length) for the activation peak; for the time, batches
-    # from the start, the middle and the end of the length distribution
-    sub = [batches[i] for i in sorted({0, len(batches) // 2, len(batches) - 1})]
+    pad = int(tok.pad_token_id)
+    fit_batches = make_batches(store, cfg.batch_size, pad, max_batch_tokens=fit_batch_tokens)
+    batches = make_batches(store, cfg.batch_size, pad, max_batch_tokens=cfg.max_batch_tokens or None)
+
+    def sample(bs, run: int):
+        """``run`` consecutive batches from the start, the middle and the end of the length distribution (the
+        first is the longest: documents are sorted by length); ``run`` = the workers, so that each has one."""
+        starts = sorted({0, max(0, len(bs) // 2 - run // 2), max(0, len(bs) - run)})
+        return [bs[i] for i in sorted({j for s in starts for j in range(s, min(len(bs), s + run))})]
+
+    sub, fit_sub = sample(batches, 1), sample(fit_batches, workers)
     factors = ekfac.new_factors(mods, torch.float64 if cfg.factor_dtype == "float64" else torch.float32)
     if cuda:
         torch.cuda.synchronize()
@@ -310,37 +335,26 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     else:
         base = _rss()
         _reset_peak()
-    t0 = time.perf_counter()
-    influence.run_pass(model, mods, sub[:1], ekfac.accumulate_covariances(factors),
+    # the activation peak of the longest fit batch (also the warm-up); W workers hold W such batches at once
+    influence.run_pass(model, mods, fit_sub[:1], ekfac.accumulate_covariances(factors),
                        lambda b: influence.token_losses(model, b, "sampled", 0), "plan", progress=False)
     if cuda:
         torch.cuda.synchronize()
-        act = torch.cuda.max_memory_allocated(device) - base
+        act = (torch.cuda.max_memory_allocated(device) - base) * workers
     else:
-        act = _peak() - base
+        act = (_peak() - base) * workers
+    # both passes of the fit: the covariances, recorded into a token cache, then the eigenvalue correction
+    # replayed from it (the model is not run again)
+    sw = Stopwatch()
     cache = influence.TokenCache(float("inf"))
-    loss = lambda b: influence.token_losses(model, b, "sampled", 0)  # noqa: E731
-    t0 = time.perf_counter()
-    influence.run_pass(model, mods, sub, cache.record(ekfac.accumulate_covariances(factors)), loss, "plan",
-                       progress=False, after_batch=lambda i, b, _: cache.commit(i))
-    if cuda:
-        torch.cuda.synchronize()
-    tok_fit = sum(b.input_ids.numel() for b in sub)
-    fit_s = (time.perf_counter() - t0) / tok_fit
-    # the eigenvalue correction replayed from the token cache (the model is not run again)
-    for f in factors.values():
-        f.n_tokens = max(1, tok_fit)
-    ekfac.eigendecompose(factors)
-    t0 = time.perf_counter()
-    influence.run_pass(model, mods, sub, ekfac.accumulate_lambda(factors), loss, "plan", progress=False,
-                       replay=cache)
-    if cuda:
-        torch.cuda.synchronize()
-    replay_s = (time.perf_counter() - t0) / tok_fit
+    factor_dtype = torch.float64 if cfg.factor_dtype == "float64" else torch.float32
+    factors = influence.fit_factors(model, mods, fit_sub, "sampled", progress=False, factor_dtype=factor_dtype,
+                                    stopwatch=sw, cache=cache, workers=workers)
     cache.close()
-    for f in factors.values():  # the correction's Λ, as a fit finishes it: the queries are preconditioned with it
-        f.n_sequences = sum(len(b.index) for b in sub)
-    ekfac.finalise_lambda(factors)
+    tok_fit = sum(b.input_ids.numel() for b in fit_sub)
+    fit_s = sw.stages["covariance pass"] / tok_fit
+    replay_s = sw.stages["eigenvalue correction"] / tok_fit
+    tok_score = sum(b.input_ids.numel() for b in sub)
     # query gradients of a batch of queries of the planned length, preconditioned as the scoring run will do it.
     # Whether a layer's P stays in the eigenbasis compares doc_tokens against the number of queries, linearly
     # (doc_tokens·(d_out² + d_in²) < Q·d_out·d_in·(d_out + d_in)): a batch of n queries scaled to n/Q of the
@@ -370,7 +384,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     influence.score_documents(model, mods, pq, sub, len(store), sink=lambda *a: None, progress=False)
     if cuda:
         torch.cuda.synchronize()
-    score_s = (time.perf_counter() - t0) / tok_fit
+    score_s = (time.perf_counter() - t0) / tok_score
     # eigendecomposition: each distinct layer size once, float64 on the device
     eigh_s, seen = 0.0, {}
     for f in factors.values():
@@ -385,7 +399,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
             eigh_s += seen[d]
     return {"fit_s_per_token": fit_s, "replay_s_per_token": replay_s, "score_s_per_token": score_s, "query_s": query_s, "eigh_s": eigh_s,
             "activation_bytes": max(0, act), "activation_source": "measured", "baseline_bytes": base if not cuda else 0,
-            "measured_batches": n, "eigenbasis_layers": sorted(measured.basis)}
+            "measured_batches": len(fit_sub), "workers": workers, "eigenbasis_layers": sorted(measured.basis)}
 
 
 def process_age() -> float:
@@ -406,7 +420,7 @@ def render(p: Dict) -> str:
     lines = [f"plan: {i['model']} ({i['parameters']:,} parameters, {i['tracked_layers']} tracked layers, "
              f"{i['tracked_weights']:,} tracked weights), {i['documents']:,} documents (~{i['tokens']:,.0f} tokens, "
              f"padding ×{i['padding']:.2f}), {i['queries']} queries, {i['nproc']} process(es) on {i['device']}, "
-             f"{i['dtype']}"]
+             f"{i['dtype']}" + (f", the fit on {i['workers']} worker threads" if i.get("workers", 1) > 1 else "")]
     for stage, parts in p["memory"].items():
         lines.append(f"\n{stage}: peak ≈ {p['peak'][stage] / GiB:.2f} GiB per process "
                      f"(of {p['available'] / GiB:.1f} GiB)" + (f", process baseline {p['baseline'] / GiB:.2f} GiB"

@@ -88,3 +88,18 @@ def test_plan_times_the_queries_and_scoring_in_the_basis_the_run_will_use(smoke_
         assert p["timing"]["eigenbasis_layers"] == expect
         assert p["time"]["score"] > 0
     assert expect == sorted(layers)  # 2,000 queries: every layer kept in the eigenbasis (6 queries: none)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_plan_times_the_fit_on_its_worker_threads_with_their_batches(smoke_world, workers):
+    """The fit's passes are timed as `kit fit` runs them: on its worker threads, each worker's batches holding
+    1/W of the token cap; one batch per worker from each of the three places sampled."""
+    p = plan(PlanConfig(model=smoke_world["model"], corpus=smoke_world["corpus"], n_queries=4, device="cpu",
+                        max_batch_tokens=64, workers=workers))
+    assert p["inputs"]["workers"] == workers and p["timing"]["workers"] == workers
+    assert p["inputs"]["fit_batch_tokens"] == 64 // workers
+    assert p["timing"]["measured_batches"] == 3 * workers
+    assert p["timing"]["fit_s_per_token"] > 0 and p["timing"]["replay_s_per_token"] > 0
+    assert ("the fit on 2 worker threads" in render(p)) == (workers == 2)
+    with pytest.raises(InputError, match="--workers must be a whole number of at least 1"):
+        plan(PlanConfig(model=smoke_world["model"], corpus=smoke_world["corpus"], workers=0))
