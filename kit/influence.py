@@ -436,23 +436,26 @@ class TokenCache:
             return []
         return [part[0] for part in first] if self._mem else [part[0] for part in first[1]]
 
-    def by_layer(self, batches: Sequence[int], device=None) -> Iterator[Tuple[int, str, Tensor, Tensor]]:
+    def by_layer(self, batches: Sequence[int], device=None, layers: Optional[Sequence[int]] = None
+                 ) -> Iterator[Tuple[int, str, Tensor, Tensor]]:
         """``(batch, layer, a, g)`` of the given cached ``batches``, layer after layer: every batch's part of the
         first layer, then of the second, and so on. A pass that works layer by layer keeps one layer's own
         matrices (its eigenbases, its preconditioned queries) in the CPU cache while it goes through the batches,
-        instead of streaming every layer's from memory once per batch."""
+        instead of streaming every layer's from memory once per batch. ``layers``: only these (positions in
+        :meth:`layers`, in the order given); threads may each replay their own layers at once."""
         names = self.layers()
+        order = range(len(names)) if layers is None else layers
         for i in batches:
             mine = [p[0] for p in self._mem[i]] if i in self._mem else [p[0] for p in self._index[i][1]]
             if mine != names:
                 raise ValueError(f"token cache: batch {i} holds layers {mine}, not {names}")
         if self._mem:
-            for j, name in enumerate(names):
+            for j in order:
                 for i in batches:
                     _, a, g = self._mem[i][j]
-                    yield i, name, a, g
+                    yield i, names[j], a, g
             return
-        yield from self._replay([(i, j) for j in range(len(names)) for i in batches], None, device)
+        yield from self._replay([(i, j) for j in order for i in batches], None, device)
 
     def _replay(self, keys: List[Tuple[int, int]], then: Optional[Tuple[int, int]], device
                 ) -> Iterator[Tuple[int, str, Tensor, Tensor]]:
@@ -930,7 +933,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
                     batches: Sequence[Batch], n_docs: int, per_layer: bool = False, per_token: bool = False,
                     start: int = 0, sink: Optional[Callable[[int, Batch, Tensor, Tensor], None]] = None,
                     progress: bool = True, replay: Optional[TokenCache] = None,
-                    group: Optional[int] = None) -> ScoreOutput:
+                    group: Optional[int] = None, workers: int = 1) -> ScoreOutput:
     """One pass over the documents scoring all queries; the training loss is the documents' own next-token loss.
 
     ``sink(i, batch, scores(Q,B), norms(B))`` receives each batch's results, in batch order (the pipeline writes
@@ -938,7 +941,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     :class:`TokenCache` of these same batches under the same (empirical, next-token) loss, e.g. the fit's; its
     batches are scored without running the model, layer after layer (:meth:`TokenCache.by_layer`), so that each
     layer's ``P`` stays in the CPU cache while every cached document meets it; the batches after the cached ones
-    run the model.
+    run the model. ``workers`` threads replay the cached batches, each its own layers (see :func:`_score_by_layer`).
 
     Full-rank layers: each document's gradient ``G_z = Σ_t g_t a_tᵀ`` is formed per batch, and the gradients of
     ``group`` documents (default :func:`contraction_group`; batches are never split) are contracted with ``P`` in
@@ -955,7 +958,8 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     dtype = next(iter({**pq.full, **pq.left}.values())).dtype  # the factors' dtype: float32 (float64 in tests)
     group = group or contraction_group(Q)
 
-    memo: list = []  # the last (a, Q_A, a Q_A): layers sharing an input and an eigenbasis rotate it once
+    memos = threading.local()  # per thread, the last (a, Q_A, a Q_A): layers sharing an input and an eigenbasis
+    #                            rotate it once
 
     def layer_terms(name: str, a: Tensor, g: Tensor):
         """One layer of one batch: ``(G (B, d_out·d_in) to contract with P, or None; ‖G_z‖² (B,);
@@ -965,7 +969,9 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         a, g = a.to(dtype), g.to(dtype)
         if name in pq.basis:
             Q_S, Q_A = pq.basis[name]
-            a, g = ekfac.rotate(a, Q_A, memo), g @ Q_S
+            if not hasattr(memos, "memo"):
+                memos.memo = []
+            a, g = ekfac.rotate(a, Q_A, memos.memo), g @ Q_S
         G = torch.bmm(g.transpose(1, 2), a).reshape(B, -1)  # each document's gradient of this layer
         norm2 = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
         if name in pq.full:
@@ -993,7 +999,8 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
             cached.append(start + len(cached))
     if cached:
         device = next(iter({**pq.full, **pq.left}.values())).device
-        _score_by_layer(replay, cached, batches, Q, flat, group, layer_terms, deliver, per_layer, progress, device)
+        _score_by_layer(replay, cached, batches, Q, flat, group, layer_terms, deliver, per_layer, progress, device,
+                        workers)
         start = cached[-1] + 1
     if start >= len(batches):
         return ScoreOutput(scores, norms, layer_scores, token_scores)
@@ -1056,50 +1063,104 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
 
 
 def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batch], Q: int, flat: Dict[str, Tensor],
-                    group: int, layer_terms, deliver, per_layer: bool, progress: bool, device) -> None:
+                    group: int, layer_terms, deliver, per_layer: bool, progress: bool, device,
+                    workers: int = 1) -> None:
     """:func:`score_documents` over the ``cached`` batches, replayed layer after layer. The partial scores of the
     replayed documents (``Q`` per document, a sliver of the cache's own size) are held until every layer is done;
-    then each batch goes to ``deliver`` in order."""
+    then each batch goes to ``deliver`` in order.
+
+    ``workers`` threads (a CPU) replay the layers side by side, layer ``j`` on thread ``j mod W`` with ``1/W`` of the
+    intra-op threads: one layer's products are too small to split well over cores (as in :func:`run_pass_in_threads`).
+    Each layer's scores and squared norms are summed into the totals in layer order, whichever thread finishes
+    first, so the totals are added up as with one thread."""
     sizes = [len(batches[i].index) for i in cached]
     offset = dict(zip(cached, np.cumsum([0] + sizes[:-1]).tolist()))
     n = sum(sizes)
+    names = cache.layers()
+    W = max(1, min(workers, len(names)))
     s_all = torch.zeros((Q, n), dtype=torch.float64, device=device)
     n2_all = torch.zeros(n, dtype=torch.float64, device=device)
     layers: Dict[str, Tensor] = {}
-    gathered: List[Tensor] = []  # one layer's G of consecutive batches, from document `first` on
-    first, current = 0, None
+    finished: Dict[int, Tuple[Tensor, Tensor]] = {}  # layers done but not yet added: an earlier one is still running
+    added = [0]  # layers 0 … added-1 are in the totals
+    lock = threading.Lock()
+    bar = tqdm(total=len(cached) * len(names), desc="scoring documents (cached)", disable=not progress)
 
-    def contract():
-        if gathered:
-            G = torch.cat(gathered) if len(gathered) > 1 else gathered[0]
-            s = (flat[current] @ G.T).to(torch.float64)
-            s_all[:, first:first + G.shape[0]] += s
-            if per_layer:
-                layers[current][:, first:first + G.shape[0]] = s
-            gathered.clear()
+    def replay_layers(mine: List[int]) -> None:
+        """This thread's layers, one after the other: every cached batch's part, contracted with the layer's P
+        ``group`` documents at a time."""
+        s = n2 = None
+        gathered: List[Tensor] = []  # one layer's G of consecutive batches, from document `first` on
+        first, current = 0, None
 
-    bar = tqdm(total=len(cached) * len(cache.layers()), desc="scoring documents (cached)", disable=not progress)
-    for i, name, a, g in cache.by_layer(cached, device):
-        if name != current:
+        def contract():
+            if gathered:
+                G = torch.cat(gathered) if len(gathered) > 1 else gathered[0]
+                s[:, first:first + G.shape[0]] += (flat[current] @ G.T).to(torch.float64)
+                gathered.clear()
+
+        def finish():
+            if current is None:
+                return
             contract()
-            current = name
             if per_layer:
-                layers[name] = torch.zeros((Q, n), dtype=torch.float64, device=device)
-        o, B = offset[i], a.shape[0]
-        G, norm2, s, _, _ = layer_terms(name, a, g)
-        n2_all[o:o + B] += norm2
-        if G is not None:
-            if not gathered:
-                first = o
-            gathered.append(G)
-            if sum(x.shape[0] for x in gathered) >= group:
-                contract()
-        else:
-            s_all[:, o:o + B] += s
-            if per_layer:
-                layers[name][:, o:o + B] = s
-        bar.update()
-    contract()
+                layers[current] = s
+            with lock:  # into the totals in layer order
+                finished[names.index(current)] = (s, n2)
+                while added[0] in finished:
+                    s_j, n2_j = finished.pop(added[0])
+                    s_all.add_(s_j)
+                    n2_all.add_(n2_j)
+                    added[0] += 1
+
+        for i, name, a, g in cache.by_layer(cached, device, layers=mine):
+            if name != current:
+                finish()
+                current = name
+                s = torch.zeros((Q, n), dtype=torch.float64, device=device)
+                n2 = torch.zeros(n, dtype=torch.float64, device=device)
+            o, B = offset[i], a.shape[0]
+            G, norm2, sl, _, _ = layer_terms(name, a, g)
+            n2[o:o + B] += norm2
+            if G is not None:
+                if not gathered:
+                    first = o
+                gathered.append(G)
+                if sum(x.shape[0] for x in gathered) >= group:
+                    contract()
+            else:
+                s[:, o:o + B] += sl
+            with lock:
+                bar.update()
+        finish()
+
+    assignments = [list(range(k, len(names), W)) for k in range(W)]
+    if W == 1:
+        replay_layers(assignments[0])
+    else:
+        threads, each = torch.get_num_threads(), max(1, torch.get_num_threads() // W)
+        errors: List[Optional[BaseException]] = [None] * W
+
+        def work(k: int) -> None:
+            try:
+                torch.set_num_threads(each)
+                replay_layers(assignments[k])
+            except BaseException as e:  # noqa: BLE001  (re-raised by the caller's thread)
+                errors[k] = e
+
+        cache.readers = W
+        try:
+            pool = [threading.Thread(target=work, args=(k,), name=f"kit-scorer-{k}", daemon=True) for k in range(W)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+        finally:
+            torch.set_num_threads(threads)
+            cache.readers = 1
+        for e in errors:
+            if e is not None:
+                raise e
     bar.close()
     norms_all = n2_all.sqrt()
     for i, B in zip(cached, sizes):

@@ -164,6 +164,7 @@ class Run:
         self.path, self.cfg, self.quiet = Path(path), cfg, quiet
         self.token_cache: Optional[influence.TokenCache] = None  # the fit's, kept for a scoring pass in this process
         self.batch_tokens = cfg.max_batch_tokens  # per batch; divided among a fit's workers (see doc_batches)
+        self.workers = 1  # the fit's worker threads (set by the fit); they also replay its token cache to score
         self.stopwatch = sw = stopwatch if stopwatch is not None else Stopwatch()
         if STARTUP_S:
             sw.add("start-up and imports", STARTUP_S)
@@ -281,7 +282,7 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -> "R
     _say(f"{len(run.docs)} documents; {run.docs.note}; {d.world} process(es) on {run.device}", quiet)
     fdir = out / "factors" / run.factor_key
     fdir.mkdir(parents=True, exist_ok=True)
-    workers = fit_workers(cfg.workers, run.device, sum(p.numel() for p in run.model.parameters()))
+    workers = run.workers = fit_workers(cfg.workers, run.device, sum(p.numel() for p in run.model.parameters()))
     if workers > 1 and cfg.max_batch_tokens:  # W batches in flight, each with 1/W of the tokens of one
         run.batch_tokens = max(1, cfg.max_batch_tokens // workers)
     if d.main:
@@ -479,7 +480,7 @@ def open_run(run: Union[str, Path], quiet: bool = False, device: Optional[str] =
     if not same:
         raise InputError(f"the model {cfg.model} changed since {run} was fitted; run `kit fit` again")
     r.factor_key = conf["factor_key"]
-    if "batch_tokens" in conf:  # score in the fit's batches (a replayed and a separate scoring then agree bit for bit)
+    if "batch_tokens" in conf:  # score in the fit's batches (a replayed and a separate scoring then agree to float rounding)
         r.batch_tokens = conf["batch_tokens"]
     return r
 
@@ -570,7 +571,7 @@ def score(run_dir: Union[str, Path], cfg: ScoreConfig, quiet: bool = False, run:
         t0 = time.time()
         with sw("scoring pass"):
             influence.score_documents(run.model, run.modules, pq, shard, D, start=start, sink=sink,
-                                      progress=not quiet, replay=replay)
+                                      progress=not quiet, replay=replay, workers=run.workers)
             raw.flush(), norms.flush()
             store.write_json(progress_file, {"next_batch": len(shard), "signature": signature})
             distributed.barrier()

@@ -83,7 +83,8 @@ def test_contracting_documents_in_groups_changes_nothing(setup, rank):
 def test_scoring_replayed_layer_by_layer_equals_running_the_model(setup, rank, where, tmp_path):
     """Scoring from the fit's token cache (layer after layer) gives the scores, norms and per-layer scores of the
     pass that runs the model; with the cache holding only the first batches the rest run the model, a scoring
-    resumed at a later batch replays from there, and a sink sees every batch once, in order."""
+    resumed at a later batch replays from there, and a sink sees every batch once, in order. The same on 2 and 3
+    threads replaying their own layers (6 layers: 3 each, 2 each), bit-identical from run to run."""
     model, mods, docs, queries = setup
     batches = make_batches(docs, 4, 0)  # 5 batches
     n = len(docs.ids)
@@ -95,17 +96,21 @@ def test_scoring_replayed_layer_by_layer_equals_running_the_model(setup, rank, w
         pq, _ = influence.preconditioned_queries(model, mods, factors, make_batches(queries, 4, 0),
                                                  len(queries.ids), rank=rank, progress=False)
         ref = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False)
-        calls = []
-        handle = model.register_forward_hook(lambda *_: calls.append(1))
-        try:
-            out = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False,
-                                            replay=cache)
-        finally:
-            handle.remove()
-        assert len(calls) == len(batches) - len(held)  # only the batches the cache does not hold ran the model
-        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-12, atol=0)
-        torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-12, atol=0)
-        torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-12, atol=0)
+        for workers in (1, 2, 3):
+            calls = []
+            handle = model.register_forward_hook(lambda *_: calls.append(1))
+            try:
+                out = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False,
+                                                replay=cache, workers=workers)
+            finally:
+                handle.remove()
+            assert len(calls) == len(batches) - len(held)  # only the batches the cache does not hold ran the model
+            torch.testing.assert_close(out.scores, ref.scores, rtol=1e-12, atol=0)
+            torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-12, atol=0)
+            torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-12, atol=0)
+            again = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False,
+                                              replay=cache, workers=workers)
+            assert torch.equal(again.scores, out.scores) and torch.equal(again.per_layer, out.per_layer)
         seen = []
         influence.score_documents(model, mods, pq, batches, n, progress=False, replay=cache, start=2,
                                   sink=lambda i, b, sc, nm: seen.append((i, sc.clone(), nm.clone())))
@@ -134,8 +139,9 @@ def test_scoring_in_the_eigenbasis_equals_scoring_in_the_layers_basis(setup, rep
     for name in mods:
         torch.testing.assert_close(pq.layer(name), ref_pq.full[name], rtol=1e-10, atol=1e-14)
     ref = influence.score_documents(model, mods, ref_pq, batches, n, per_layer=True, per_token=True, progress=False)
+    # replayed on 2 threads: gate_proj and up_proj share one input, each thread rotates it with its own memo
     out = influence.score_documents(model, mods, pq, batches, n, per_layer=True, per_token=not replayed,
-                                    progress=False, replay=cache)
+                                    progress=False, replay=cache, workers=2)
     torch.testing.assert_close(out.scores, ref.scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-10, atol=0)
     torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-9, atol=1e-12)
@@ -166,6 +172,9 @@ def test_token_cache_replays_layer_by_layer(tmp_path):
             torch.testing.assert_close(gr, parts[i, name][1], rtol=0, atol=0)
         for name, a, gr in cache.get(2):
             torch.testing.assert_close(a, parts[2, name][0], rtol=0, atol=0)
+        assert [(i, name) for i, name, _, _ in cache.by_layer([0, 2], layers=[1])] == [(0, "down"), (2, "down")]
+        for i, name, a, gr in cache.by_layer([2, 0], layers=[1, 0]):  # a thread's own layers, in its order
+            torch.testing.assert_close(gr, parts[i, name][1], rtol=0, atol=0)
         cache.close()
 
 

@@ -84,9 +84,13 @@ def test_fit_with_queries_scores_in_the_same_process_from_the_token_cache(fitted
                  "--fisher", "empirical", "--batch-size", "16", "--queries", smoke_world["queries"]]) == 0
     assert sum(calls) == 160 + 6  # the covariance pass over the documents, then only the queries
     assert not list(run.rglob("token-cache-*"))  # the spill file is gone
-    np.testing.assert_array_equal(kit.load_scores(run).to_numpy(), kit.load_scores(fitted).to_numpy())
-    np.testing.assert_array_equal(np.load(kit.pipeline.scores_dir(run) / "doc_grad_norm.npy"),
-                                  np.load(kit.pipeline.scores_dir(fitted) / "doc_grad_norm.npy"))
+    # the replay contracts each layer on a thread of its own (fewer intra-op threads per product): the same sums,
+    # added in another order inside the products, so the scores agree to float32 rounding of the largest terms
+    replayed, separate = kit.load_scores(run).to_numpy(), kit.load_scores(fitted).to_numpy()
+    scale = np.abs(separate).max(axis=1, keepdims=True)
+    assert (np.abs(replayed - separate) <= 1e-6 * scale).all()  # measured: 3.4e-8 at most (float32 eps 1.2e-7)
+    np.testing.assert_allclose(np.load(kit.pipeline.scores_dir(run) / "doc_grad_norm.npy"),
+                               np.load(kit.pipeline.scores_dir(fitted) / "doc_grad_norm.npy"), rtol=1e-6)
 
 
 def test_fit_with_queries_and_sampled_fisher_recomputes_the_scoring_pass(smoke_world, tmp_path, monkeypatch):
