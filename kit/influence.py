@@ -945,7 +945,8 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
 
     Full-rank layers: each document's gradient ``G_z = Σ_t g_t a_tᵀ`` is formed per batch, and the gradients of
     ``group`` documents (default :func:`contraction_group`; batches are never split) are contracted with ``P`` in
-    one product ``P Gᵀ``.
+    one product ``P Gᵀ`` (replayed: ``G Pᵀ`` with the layer's ``Pᵀ`` laid out once; the same sums in another
+    order, equal to float rounding).
     """
     names = list(modules)
     Q = pq.n_queries
@@ -1089,14 +1090,14 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
     def replay_layers(mine: List[int]) -> None:
         """This thread's layers, one after the other: every cached batch's part, contracted with the layer's P
         ``group`` documents at a time."""
-        s = n2 = None
+        s = n2 = PT = None
         gathered: List[Tensor] = []  # one layer's G of consecutive batches, from document `first` on
         first, current = 0, None
 
         def contract():
             if gathered:
                 G = torch.cat(gathered) if len(gathered) > 1 else gathered[0]
-                s[:, first:first + G.shape[0]] += (flat[current] @ G.T).to(torch.float64)
+                s[:, first:first + G.shape[0]] += (G @ PT).T.to(torch.float64)
                 gathered.clear()
 
         def finish():
@@ -1117,6 +1118,9 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
             if name != current:
                 finish()
                 current = name
+                # Pᵀ laid out (d_out·d_in, Q) for this layer: `G Pᵀ` streams it row by row (0.1–0.7 s less than
+                # `P Gᵀ` in 5 alternating in-process rounds on lab large)
+                PT = flat[name].T.contiguous() if name in flat else None
                 s = torch.zeros((Q, n), dtype=torch.float64, device=device)
                 n2 = torch.zeros(n, dtype=torch.float64, device=device)
             o, B = offset[i], a.shape[0]

@@ -84,11 +84,12 @@ def test_fit_with_queries_scores_in_the_same_process_from_the_token_cache(fitted
                  "--fisher", "empirical", "--batch-size", "16", "--queries", smoke_world["queries"]]) == 0
     assert sum(calls) == 160 + 6  # the covariance pass over the documents, then only the queries
     assert not list(run.rglob("token-cache-*"))  # the spill file is gone
-    # the replay contracts each layer on a thread of its own (fewer intra-op threads per product): the same sums,
-    # added in another order inside the products, so the scores agree to float32 rounding of the largest terms
+    # the replay contracts each layer on a thread of its own (fewer intra-op threads per product) as `G Pᵀ`, the
+    # separate scoring as `P Gᵀ`: the same float32 sums of 2,048 products per layer, added in another order, so the
+    # scores agree to float32 rounding (measured: 5.5e-7 of each query's largest score at most; eps is 1.2e-7)
     replayed, separate = kit.load_scores(run).to_numpy(), kit.load_scores(fitted).to_numpy()
     scale = np.abs(separate).max(axis=1, keepdims=True)
-    assert (np.abs(replayed - separate) <= 1e-6 * scale).all()  # measured: 3.4e-8 at most (float32 eps 1.2e-7)
+    assert (np.abs(replayed - separate) <= 1e-5 * scale).all()
     np.testing.assert_allclose(np.load(kit.pipeline.scores_dir(run) / "doc_grad_norm.npy"),
                                np.load(kit.pipeline.scores_dir(fitted) / "doc_grad_norm.npy"), rtol=1e-6)
 
