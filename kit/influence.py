@@ -175,57 +175,72 @@ def run_pass_in_threads(model: nn.Module, modules, batches: Sequence[Batch], cal
     injection of the resume tests counts batches from there)."""
     W = len(callbacks)
     pass_start = start if pass_start is None else pass_start
-    threads, each = torch.get_num_threads(), max(1, torch.get_num_threads() // W)
-    errors: List[Optional[BaseException]] = [None] * W
     stop_now = threading.Event()  # set on the first error (or an interrupt of the caller): the others stop too
     lock = threading.Lock()
 
     def work(k: int) -> None:
-        try:
-            if W > 1:
-                torch.set_num_threads(each)
-                h.bind(callbacks[k])
-            mine = list(range(start + k, stop, W))
-            for n, i in enumerate(mine):
-                if stop_now.is_set():
-                    return
-                b, losses = _run_batch(model, batches, i, h, callbacks[k], loss_fn, replay, i - pass_start,
-                                       then=mine[n + 1] if n + 1 < len(mine) else -1)
-                if after_batch[k] is not None:
-                    after_batch[k](i, b, losses)
-                if bar is not None:
-                    with lock:
-                        bar.update()
-        except BaseException as e:  # noqa: BLE001  (re-raised by the caller's thread)
-            errors[k] = e
-            stop_now.set()
+        if W > 1:
+            h.bind(callbacks[k])
+        mine = list(range(start + k, stop, W))
+        for n, i in enumerate(mine):
+            if stop_now.is_set():
+                return
+            b, losses = _run_batch(model, batches, i, h, callbacks[k], loss_fn, replay, i - pass_start,
+                                   then=mine[n + 1] if n + 1 < len(mine) else -1)
+            if after_batch[k] is not None:
+                after_batch[k](i, b, losses)
+            if bar is not None:
+                with lock:
+                    bar.update()
 
     if W == 1:  # in the caller's own thread, with all of its intra-op threads
         with ekfac.hooks(model, modules, callbacks[0]) as h:
             work(0)
-        if errors[0] is not None:
-            raise errors[0]
         return
     if replay is not None:
         replay.readers = W
     share_heap()
     try:
         with ekfac.hooks(model, modules, callbacks[0]) as h:
-            pool = [threading.Thread(target=work, args=(k,), name=f"kit-worker-{k}", daemon=True) for k in range(W)]
-            for t in pool:
-                t.start()
-            try:
-                for t in pool:
-                    t.join()
-            except BaseException:  # e.g. Ctrl-C: each thread ends its batch, then stops
-                stop_now.set()
-                for t in pool:
-                    t.join()
-                raise
+            on_threads(W, work, stop_now, "kit-worker")
     finally:
-        torch.set_num_threads(threads)  # a thread's setting is also the default of threads started later
         if replay is not None:
             replay.readers = 1
+
+
+def on_threads(W: int, work: Callable[[int], None], stop_now: Optional[threading.Event] = None,
+               name: str = "kit-worker") -> None:
+    """``work(k)`` for ``k = 0 … W-1`` on ``W`` threads of this process, each running its operations on ``1/W`` of
+    the intra-op threads. The first error any thread raises is raised here, after all of them have stopped;
+    ``stop_now`` (for work that checks it between steps) is set on an error or on an interrupt of the caller
+    (e.g. Ctrl-C: each thread ends its step, then stops)."""
+    threads, each = torch.get_num_threads(), max(1, torch.get_num_threads() // W)
+    errors: List[Optional[BaseException]] = [None] * W
+
+    def run(k: int) -> None:
+        try:
+            torch.set_num_threads(each)
+            work(k)
+        except BaseException as e:  # noqa: BLE001  (re-raised by the caller's thread)
+            errors[k] = e
+            if stop_now is not None:
+                stop_now.set()
+
+    try:
+        pool = [threading.Thread(target=run, args=(k,), name=f"{name}-{k}", daemon=True) for k in range(W)]
+        for t in pool:
+            t.start()
+        try:
+            for t in pool:
+                t.join()
+        except BaseException:
+            if stop_now is not None:
+                stop_now.set()
+            for t in pool:
+                t.join()
+            raise
+    finally:
+        torch.set_num_threads(threads)  # a thread's setting is also the default of threads started later
     for e in errors:
         if e is not None:
             raise e
@@ -1087,7 +1102,7 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
     lock = threading.Lock()
     bar = tqdm(total=len(cached) * len(names), desc="scoring documents (cached)", disable=not progress)
 
-    def replay_layers(mine: List[int]) -> None:
+    def replay_layers(mine: List[int], stop_now: Optional[threading.Event] = None) -> None:
         """This thread's layers, one after the other: every cached batch's part, contracted with the layer's P
         ``group`` documents at a time."""
         s = n2 = PT = None
@@ -1115,6 +1130,8 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
                     added[0] += 1
 
         for i, name, a, g in cache.by_layer(cached, device, layers=mine):
+            if stop_now is not None and stop_now.is_set():
+                return
             if name != current:
                 finish()
                 current = name
@@ -1142,29 +1159,12 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
     if W == 1:
         replay_layers(assignments[0])
     else:
-        threads, each = torch.get_num_threads(), max(1, torch.get_num_threads() // W)
-        errors: List[Optional[BaseException]] = [None] * W
-
-        def work(k: int) -> None:
-            try:
-                torch.set_num_threads(each)
-                replay_layers(assignments[k])
-            except BaseException as e:  # noqa: BLE001  (re-raised by the caller's thread)
-                errors[k] = e
-
+        stop_now = threading.Event()  # an error or an interrupt: the other threads stop at their next batch
         cache.readers = W
         try:
-            pool = [threading.Thread(target=work, args=(k,), name=f"kit-scorer-{k}", daemon=True) for k in range(W)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
+            on_threads(W, lambda k: replay_layers(assignments[k], stop_now), stop_now, "kit-scorer")
         finally:
-            torch.set_num_threads(threads)
             cache.readers = 1
-        for e in errors:
-            if e is not None:
-                raise e
     bar.close()
     norms_all = n2_all.sqrt()
     for i, B in zip(cached, sizes):
