@@ -480,7 +480,8 @@ def open_run(run: Union[str, Path], quiet: bool = False, device: Optional[str] =
     if not same:
         raise InputError(f"the model {cfg.model} changed since {run} was fitted; run `kit fit` again")
     r.factor_key = conf["factor_key"]
-    if "batch_tokens" in conf:  # score in the fit's batches (a replayed and a separate scoring then agree to float rounding)
+    if "batch_tokens" in conf:  # score in the fit's batches (a replayed and a separate scoring then agree to
+        #                          float rounding)
         r.batch_tokens = conf["batch_tokens"]
     return r
 
