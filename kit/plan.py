@@ -16,13 +16,15 @@ will not fit. Memory is counted from the shapes involved:
 
 Times are measured on a few batches of the real corpus with the kit's own passes (per padded token, covariance
 pass and scoring pass), plus the eigendecomposition of each distinct layer size, and scaled to the corpus and the
-number of processes. The fit's passes are timed as the fit runs them: through :func:`kit.influence.fit_factors`,
-on the fit's worker threads (``--workers``) with each worker's batches of ``--max-batch-tokens / workers``. A model given only as a configuration (``config.json`` without weights) gets the memory
-plan and no time estimate.
+number of processes. The fit's two passes are timed as the fit runs them: on its worker threads
+(:func:`kit.influence.run_pass_in_threads`, ``--workers``), each worker's batches holding ``--max-batch-tokens /
+workers`` tokens. A model given only as a configuration (``config.json`` without weights) gets the memory plan and
+no time estimate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -306,14 +308,13 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     """Time and peak memory of the kit's own passes on the longest batches of a corpus sample. ``Q`` queries will
     be scored against ``doc_tokens`` padded document tokens per process: that decides, as in a real run, which
     layers' preconditioned queries stay in the eigenbasis (see :func:`influence.preconditioned_queries`), and so
-    what preconditioning a query and scoring a document cost. The fit's two passes run through
-    :func:`influence.fit_factors` on ``workers`` threads over batches of at most ``fit_batch_tokens`` tokens, as
-    ``kit fit`` runs them; the scoring pass over batches of ``--max-batch-tokens``."""
+    what preconditioning a query and scoring a document cost. The fit's two passes run on ``workers`` threads
+    (:func:`influence.run_pass_in_threads`) over batches of at most ``fit_batch_tokens`` tokens, as ``kit fit``
+    runs them; the scoring pass over batches of ``--max-batch-tokens``."""
     import torch
 
     from . import ekfac, influence
     from .corpus import Batch, make_batches
-    from .timing import Stopwatch
 
     cuda = device.startswith("cuda")
     pad = int(tok.pad_token_id)
@@ -343,17 +344,41 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
         act = (torch.cuda.max_memory_allocated(device) - base) * workers
     else:
         act = (_peak() - base) * workers
-    # both passes of the fit: the covariances, recorded into a token cache, then the eigenvalue correction
-    # replayed from it (the model is not run again)
-    sw = Stopwatch()
-    cache = influence.TokenCache(float("inf"))
+    # both passes of the fit as it runs them, on its workers (each its own sums): the covariances, recorded into a
+    # token cache, then the eigenvalue correction replayed from it (the model is not run again). Only the passes
+    # are timed: what a fit pays once per pass (adding up the workers' sums, handing memory back) is nothing on a
+    # real corpus but would weigh on a few batches
+    loss = lambda b: influence.token_losses(model, b, "sampled", 0)  # noqa: E731
     factor_dtype = torch.float64 if cfg.factor_dtype == "float64" else torch.float32
-    factors = influence.fit_factors(model, mods, fit_sub, "sampled", progress=False, factor_dtype=factor_dtype,
-                                    stopwatch=sw, cache=cache, workers=workers)
-    cache.close()
     tok_fit = sum(b.input_ids.numel() for b in fit_sub)
-    fit_s = sw.stages["covariance pass"] / tok_fit
-    replay_s = sw.stages["eigenvalue correction"] / tok_fit
+    cache = influence.TokenCache(float("inf"))
+    sums = [ekfac.new_factors(mods, factor_dtype) for _ in range(workers)]
+    t0 = time.perf_counter()
+    influence.run_pass_in_threads(model, mods, fit_sub, [cache.record(ekfac.accumulate_covariances(f)) for f in sums],
+                                  [lambda i, b, _: cache.commit(i)] * workers, loss, 0, len(fit_sub))
+    if cuda:
+        torch.cuda.synchronize()
+    fit_s = (time.perf_counter() - t0) / tok_fit
+    factors = sums[0]
+    for other in sums[1:]:
+        influence._add_sums(factors, other, "covariance")
+    for f in factors.values():
+        f.n_tokens = max(1, tok_fit)
+    ekfac.eigendecompose(factors)
+    sums = [factors] + [{n: dataclasses.replace(f, Lambda=None, n_sequences=0) for n, f in factors.items()}
+                        for _ in range(workers - 1)]
+    t0 = time.perf_counter()
+    influence.run_pass_in_threads(model, mods, fit_sub, [ekfac.accumulate_lambda(f) for f in sums], [None] * workers,
+                                  loss, 0, len(fit_sub), replay=cache)
+    if cuda:
+        torch.cuda.synchronize()
+    replay_s = (time.perf_counter() - t0) / tok_fit
+    cache.close()
+    for other in sums[1:]:
+        influence._add_sums(factors, other, "lambda")
+    for f in factors.values():  # the correction's Λ, as a fit finishes it: the queries are preconditioned with it
+        f.n_sequences = sum(len(b.index) for b in fit_sub)
+    ekfac.finalise_lambda(factors)
     tok_score = sum(b.input_ids.numel() for b in sub)
     # query gradients of a batch of queries of the planned length, preconditioned as the scoring run will do it.
     # Whether a layer's P stays in the eigenbasis compares doc_tokens against the number of queries, linearly
