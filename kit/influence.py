@@ -633,36 +633,16 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
     def in_threads(kind: str, desc: str, replay: Optional[TokenCache]) -> None:
         """The pass over ``workers`` threads (the caller's own thread for one), in stretches of
         ``checkpoint_every`` batches, each ending with the workers' sums added up and a checkpoint."""
-        if kind == "covariance":
-            sums = [factors] + [{n: ekfac.LayerFactors(f.name, f.d_out, f.d_in, dtype=f.dtype) for n, f in factors.items()}
-                                for _ in range(workers - 1)]
-            callbacks = [cache.record(ekfac.accumulate_covariances(s)) for s in sums]
-        else:
-            sums = [factors] + [{n: dataclasses.replace(f, Lambda=None, n_sequences=0) for n, f in factors.items()}
-                                for _ in range(workers - 1)]
-            callbacks = [ekfac.accumulate_lambda(s) for s in sums]
-
-        def counting_into(mine):
-            def after(i, b, _losses):
-                if kind == "covariance":
-                    cache.commit(i)
-                    n = int(b.attention_mask.sum())
-                    for f in mine.values():
-                        f.n_tokens += n
-                else:
-                    for f in mine.values():
-                        f.n_sequences += b.input_ids.shape[0]
-            return after
+        sums, callbacks, afters = worker_sums(factors, kind, workers, cache)
 
         every = checkpoint_every if checkpoint is not None and checkpoint_every else len(batches)
         bar = tqdm(total=len(batches), initial=state.next_batch, desc=desc, disable=not progress)
         start = state.next_batch
         while start < len(batches):
             stop = min(len(batches), (start // every + 1) * every)
-            run_pass_in_threads(model, modules, batches, callbacks, [counting_into(s) for s in sums], loss_fn,
-                                start, stop, bar, replay, pass_start=state.next_batch)
-            for s in sums[1:]:
-                _add_sums(factors, s, kind)
+            run_pass_in_threads(model, modules, batches, callbacks, afters, loss_fn, start, stop, bar, replay,
+                                pass_start=state.next_batch)
+            add_worker_sums(factors, sums, kind)
             if checkpoint is not None and stop < len(batches) and stop % every == 0:
                 checkpoint(FitState(state.stage, stop), factors)
             start = stop
@@ -698,6 +678,43 @@ def fit_factors(model: nn.Module, modules: Dict[str, nn.Module], batches: Sequen
             with sw("writing"):
                 checkpoint(state, factors)
     return factors
+
+
+def worker_sums(factors: Dict[str, ekfac.LayerFactors], kind: str, workers: int, cache: TokenCache
+                ) -> Tuple[List[Dict[str, ekfac.LayerFactors]], List[Callable], List[Callable]]:
+    """For a pass of ``kind`` ("covariance" or "lambda") on ``workers`` threads (:func:`run_pass_in_threads`): each
+    worker's sums (the first worker's are ``factors`` themselves), its hook callback adding into them, and its
+    after-batch step counting tokens (covariance pass, which also commits each batch to ``cache``) or sequences.
+    :func:`add_worker_sums` adds the others' sums into ``factors``."""
+    if kind == "covariance":
+        sums = [factors] + [{n: ekfac.LayerFactors(f.name, f.d_out, f.d_in, dtype=f.dtype) for n, f in factors.items()}
+                            for _ in range(workers - 1)]
+        callbacks = [cache.record(ekfac.accumulate_covariances(s)) for s in sums]
+    else:
+        sums = [factors] + [{n: dataclasses.replace(f, Lambda=None, n_sequences=0) for n, f in factors.items()}
+                            for _ in range(workers - 1)]
+        callbacks = [ekfac.accumulate_lambda(s) for s in sums]
+
+    def counting_into(mine):
+        def after(i, b, _losses):
+            if kind == "covariance":
+                cache.commit(i)
+                n = int(b.attention_mask.sum())
+                for f in mine.values():
+                    f.n_tokens += n
+            else:
+                for f in mine.values():
+                    f.n_sequences += b.input_ids.shape[0]
+        return after
+
+    return sums, callbacks, [counting_into(s) for s in sums]
+
+
+def add_worker_sums(factors: Dict[str, ekfac.LayerFactors], sums: List[Dict[str, ekfac.LayerFactors]],
+                    kind: str) -> None:
+    """Add the sums of workers 1 … W-1 (:func:`worker_sums`) into ``factors``, in worker order, and zero them."""
+    for other in sums[1:]:
+        _add_sums(factors, other, kind)
 
 
 def _add_sums(factors: Dict[str, ekfac.LayerFactors], other: Dict[str, ekfac.LayerFactors], kind: str) -> None:
@@ -985,9 +1002,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         a, g = a.to(dtype), g.to(dtype)
         if name in pq.basis:
             Q_S, Q_A = pq.basis[name]
-            if not hasattr(memos, "memo"):
-                memos.memo = []
-            a, g = ekfac.rotate(a, Q_A, memos.memo), g @ Q_S
+            a, g = ekfac.rotate(a, Q_A, memos.__dict__.setdefault("memo", [])), g @ Q_S
         G = torch.bmm(g.transpose(1, 2), a).reshape(B, -1)  # each document's gradient of this layer
         norm2 = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
         if name in pq.full:

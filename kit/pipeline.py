@@ -264,6 +264,12 @@ def fit_workers(requested: Optional[int], device: str, n_params: int = 0) -> int
     return 2
 
 
+def worker_batch_tokens(max_batch_tokens: Optional[int], workers: int) -> Optional[int]:
+    """Each fit worker's cap on padded tokens per batch: W batches in flight, each with 1/W of the tokens of one,
+    take one batch's memory (``None``: no cap)."""
+    return max(1, max_batch_tokens // workers) if max_batch_tokens and workers > 1 else max_batch_tokens
+
+
 def token_cache(cfg: FitConfig, device: str, where: Path) -> "influence.TokenCache":
     """The fit's :class:`~kit.influence.TokenCache`: in memory on a GPU, spilled to a file in ``where`` on a CPU
     (``--cache-on``), up to ``--cache-gb`` (default 2 GiB in memory; 8 GiB on disk, at most half the free space)."""
@@ -283,8 +289,7 @@ def _fit(cfg: FitConfig, out: Path, quiet: bool, keep_cache: bool = False) -> "R
     fdir = out / "factors" / run.factor_key
     fdir.mkdir(parents=True, exist_ok=True)
     workers = run.workers = fit_workers(cfg.workers, run.device, sum(p.numel() for p in run.model.parameters()))
-    if workers > 1 and cfg.max_batch_tokens:  # W batches in flight, each with 1/W of the tokens of one
-        run.batch_tokens = max(1, cfg.max_batch_tokens // workers)
+    run.batch_tokens = worker_batch_tokens(cfg.max_batch_tokens, workers)
     if d.main:
         conf = _read_config(out)
         if conf.get("fit_corpus") != run.docs.key or not (out / "documents.parquet").exists():

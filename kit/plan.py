@@ -24,7 +24,6 @@ no time estimate.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 import time
@@ -135,7 +134,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     from . import ekfac
     from .corpus import build_token_store, count_records
     from .models import tracked_modules
-    from .pipeline import DTYPE, fit_workers, resolve_device
+    from .pipeline import DTYPE, fit_workers, resolve_device, worker_batch_tokens
 
     if cfg.nproc < 1:
         raise InputError(f"--nproc must be at least 1, got {cfg.nproc}")
@@ -158,8 +157,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     n_params = sum(p.numel() for p in model.parameters())
     workers = fit_workers(cfg.workers, device, n_params)
     # the fit's batches: with W workers each holds 1/W of the token cap (the scoring pass keeps the whole cap)
-    fit_batch_tokens = max(1, cfg.max_batch_tokens // workers) if cfg.max_batch_tokens and workers > 1 \
-        else (cfg.max_batch_tokens or None)
+    fit_batch_tokens = worker_batch_tokens(cfg.max_batch_tokens or None, workers)
     ctx = getattr(model.config, "max_position_embeddings", None) or 512
     max_tokens = cfg.max_tokens or min(512, ctx)
 
@@ -352,33 +350,24 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     factor_dtype = torch.float64 if cfg.factor_dtype == "float64" else torch.float32
     tok_fit = sum(b.input_ids.numel() for b in fit_sub)
     cache = influence.TokenCache(float("inf"))
-    sums = [ekfac.new_factors(mods, factor_dtype) for _ in range(workers)]
+    factors = ekfac.new_factors(mods, factor_dtype)
+    sums, callbacks, afters = influence.worker_sums(factors, "covariance", workers, cache)
     t0 = time.perf_counter()
-    influence.run_pass_in_threads(model, mods, fit_sub, [cache.record(ekfac.accumulate_covariances(f)) for f in sums],
-                                  [lambda i, b, _: cache.commit(i)] * workers, loss, 0, len(fit_sub))
+    influence.run_pass_in_threads(model, mods, fit_sub, callbacks, afters, loss, 0, len(fit_sub))
     if cuda:
         torch.cuda.synchronize()
     fit_s = (time.perf_counter() - t0) / tok_fit
-    factors = sums[0]
-    for other in sums[1:]:
-        influence._add_sums(factors, other, "covariance")
-    for f in factors.values():
-        f.n_tokens = max(1, tok_fit)
+    influence.add_worker_sums(factors, sums, "covariance")
     ekfac.eigendecompose(factors)
-    sums = [factors] + [{n: dataclasses.replace(f, Lambda=None, n_sequences=0) for n, f in factors.items()}
-                        for _ in range(workers - 1)]
+    sums, callbacks, afters = influence.worker_sums(factors, "lambda", workers, cache)
     t0 = time.perf_counter()
-    influence.run_pass_in_threads(model, mods, fit_sub, [ekfac.accumulate_lambda(f) for f in sums], [None] * workers,
-                                  loss, 0, len(fit_sub), replay=cache)
+    influence.run_pass_in_threads(model, mods, fit_sub, callbacks, afters, loss, 0, len(fit_sub), replay=cache)
     if cuda:
         torch.cuda.synchronize()
     replay_s = (time.perf_counter() - t0) / tok_fit
     cache.close()
-    for other in sums[1:]:
-        influence._add_sums(factors, other, "lambda")
-    for f in factors.values():  # the correction's Λ, as a fit finishes it: the queries are preconditioned with it
-        f.n_sequences = sum(len(b.index) for b in fit_sub)
-    ekfac.finalise_lambda(factors)
+    influence.add_worker_sums(factors, sums, "lambda")
+    ekfac.finalise_lambda(factors)  # the correction's Λ, as a fit finishes it: the queries are preconditioned with it
     tok_score = sum(b.input_ids.numel() for b in sub)
     # query gradients of a batch of queries of the planned length, preconditioned as the scoring run will do it.
     # Whether a layer's P stays in the eigenbasis compares doc_tokens against the number of queries, linearly
