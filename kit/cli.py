@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from .config import DEFAULT_BATCH_TOKENS, FitConfig, ScoreConfig, help_of
 from .errors import FactorError, InputError, ModelError
+from .timing import end_start_up
 
 
 def _h(cls, name):
@@ -192,10 +193,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["--"]:  # `torchrun … -m kit -- score …`: everything after -- is ours
         argv = argv[1:]
     if argv[:1] == ["validate"]:  # its own parser (kit/validate.py), options passed through untouched
+        end_start_up()
         from .validate import main as validate_main
 
         return validate_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.cmd not in ("fit", "score"):  # these switch the collector back on after their model load
+        end_start_up()
     try:
         if getattr(args, "nproc", 1) != 1 and args.cmd != "plan":
             import os

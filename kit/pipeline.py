@@ -36,7 +36,7 @@ from . import distributed, ekfac, influence, store
 from .config import FitConfig, ScoreConfig, config_hash, from_dict, to_dict
 from .corpus import (InputError, TokenStore, build_token_store, check_corpus, load_queries, make_batches,
                      tokenise_queries)
-from .timing import Stopwatch
+from .timing import Stopwatch, end_start_up
 from .models import (context_length, load_model, load_tokenizer, model_fingerprint, source_fingerprint,
                      tokenizer_fingerprint, tracked_modules)
 
@@ -185,6 +185,7 @@ class Run:
             self.model, _ = load_model(cfg.model, DTYPE[self.dtype], self.device, tokenizer=self.tokenizer)
             self.modules = tracked_modules(self.model, cfg.modules)
             self.model_key = model_fingerprint(self.model, self.modules)
+        end_start_up()  # the collector, paused by `python -m kit` while the process started, runs again
         self.factor_key = config_hash(self.model_key, self.docs.key, list(self.modules), cfg.fisher, cfg.seed,
                                       cfg.dtype, cfg.factor_dtype, "ekfac-v2")
 

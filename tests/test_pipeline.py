@@ -217,3 +217,46 @@ def test_a_run_scores_from_its_own_documents_when_the_corpus_file_is_gone(smoke_
     assert main(["score", "--run", str(run), "--queries", smoke_world["queries"]]) == 0
     scores = kit.load_scores(run)
     assert scores.shape[1] == 24 and np.isfinite(scores.to_numpy()).all()
+
+
+def test_the_collector_is_paused_while_the_command_starts_and_frozen_out_after_the_model_load(smoke_world, tmp_path):
+    """``python -m kit`` starts with Python's cyclic collector off (start-up makes only objects that live as long as
+    the process); after the model load they are frozen out of its reach and it runs again. A library caller who
+    never paused it is left alone."""
+    import subprocess
+    import sys
+
+    probe = """
+import gc, json, runpy, sys
+log, state = [], {}
+gc.callbacks.append(lambda phase, info: log.append(phase) if phase == "start" else None)
+import kit.timing as t, kit.pipeline as p
+def pause(orig=t.pause_gc_for_start_up):  # what kit/__main__.py calls first
+    del log[:]
+    state["paused"] = True
+    orig()
+def after_load(orig=p.end_start_up):  # what the run calls after its model load
+    state["before"] = {"collections": len(log), "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+    orig()
+    state["after"] = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+    print("PROBE" + json.dumps(state), flush=True)
+t.pause_gc_for_start_up, p.end_start_up = pause, after_load
+sys.argv = ["kit"] + sys.argv[1:]
+runpy.run_module("kit", run_name="__main__")
+"""
+    out = subprocess.run([sys.executable, "-c", probe, "fit", "--model", smoke_world["model"], "--corpus",
+                          smoke_world["corpus"], "--out", str(tmp_path / "run"), "--fisher", "empirical"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    state = json.loads(out.stdout.split("PROBE", 1)[1].splitlines()[0])
+    # imports (torch, transformers) and the model load ran without one collection, the collector off
+    assert state.get("paused") and state["before"] == {"collections": 0, "enabled": False, "frozen": 0}
+    # then everything made so far was frozen (hundreds of thousands of objects) and the collector is back on
+    assert state["after"]["enabled"] is True and state["after"]["frozen"] > 100_000
+
+    from kit import timing  # this process never paused it: nothing changes
+    import gc
+
+    frozen = gc.get_freeze_count()
+    timing.end_start_up()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
