@@ -236,11 +236,20 @@ class LayerFactors:
     def _to_eigenbasis(self, a: Tensor, g: Tensor, memo: Optional[list]) -> Tensor:
         """:meth:`to_eigenbasis`; ``memo`` (a list) remembers the last ``a Q_A`` so that a layer given the same ``a``
         object and the same ``Q_A`` object right after (a shared input and eigenbasis) does not rotate it again."""
+        tokens = self._rotated_tokens(a, g, memo)
+        if tokens is not None:
+            return torch.bmm(tokens[0].transpose(1, 2), tokens[1])  # per token, then sum
         a, g = a.to(self.dtype), g.to(self.dtype)
-        T = a.shape[1]
-        if T * (self.d_out**2 + self.d_in**2) <= self.d_out * self.d_in * (self.d_out + self.d_in):
-            return torch.bmm((g @ self.Q_S).transpose(1, 2), rotate(a, self.Q_A, memo))  # per token, then sum
         return self.Q_S.T @ torch.bmm(g.transpose(1, 2), a) @ self.Q_A  # form G_n first, then rotate it
+
+    def _rotated_tokens(self, a: Tensor, g: Tensor, memo: Optional[list]) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(g Q_S, a Q_A)``, every token rotated, when that is the cheaper order of :meth:`to_eigenbasis` (then
+        ``Q_Sᵀ G_n Q_A = (g Q_S)_nᵀ (a Q_A)_n``); ``None`` when forming each ``G_n`` first is cheaper."""
+        T = a.shape[1]
+        if T * (self.d_out**2 + self.d_in**2) > self.d_out * self.d_in * (self.d_out + self.d_in):
+            return None
+        a, g = a.to(self.dtype), g.to(self.dtype)
+        return g @ self.Q_S, rotate(a, self.Q_A, memo)
 
     def precondition(self, V: Tensor, damping: Union[str, float] = "heuristic", kfac: bool = False) -> Tensor:
         """Apply equation (2), ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ``, to ``V`` of shape ``(..., d_out, d_in)``.
@@ -535,10 +544,17 @@ def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor
 
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
-        rotated = f._to_eigenbasis(a, g, memo)  # (B, d_out, d_in): each sequence's gradient in the eigenbasis
         if f.Lambda is None:
-            f.Lambda = torch.zeros_like(rotated[0])
-        for r in rotated:  # Λ += r ⊙ r, one sequence at a time: no (B, d_out, d_in) temporary
+            f.Lambda = torch.zeros(f.d_out, f.d_in, dtype=f.dtype, device=a.device)
+        tokens = f._rotated_tokens(a, g, memo)
+        if tokens is None:  # long sequences: each G_n formed, then rotated
+            for r in f._to_eigenbasis(a, g, memo):
+                f.Lambda.addcmul_(r, r)
+            return
+        gq, aq = tokens
+        r = torch.empty_like(f.Lambda)
+        for n in range(gq.shape[0]):  # Λ += r ⊙ r, r = (g Q_S)_nᵀ (a Q_A)_n, one sequence at a time in one buffer
+            torch.mm(gq[n].T, aq[n], out=r)
             f.Lambda.addcmul_(r, r)
 
     return callback
