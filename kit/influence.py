@@ -1127,6 +1127,9 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
     n = sum(sizes)
     names = cache.layers()
     W = max(1, min(workers, len(names)))
+    # A thread holds one layer's gradients, not every layer's as a model-running pass does: the same memory (half of
+    # P's, see contraction_group) holds L/W times as many documents, and each pass over the layer's P serves them all
+    group = min(max(1, min(64, group * len(names) // W)), n)
     s_all = torch.zeros((Q, n), dtype=torch.float64, device=device)
     n2_all = torch.zeros(n, dtype=torch.float64, device=device)
     layers: Dict[str, Tensor] = {}
@@ -1171,7 +1174,7 @@ def _score_by_layer(cache: TokenCache, cached: List[int], batches: Sequence[Batc
                 # `P Gᵀ` in 5 alternating in-process rounds on lab large)
                 PT = flat[name].T.contiguous() if name in flat else None
                 if PT is not None and (buf is None or buf.shape[1] != PT.shape[0]):  # room for a group and a batch
-                    buf = torch.empty((group + max(sizes), PT.shape[0]), dtype=PT.dtype, device=device)
+                    buf = torch.empty((min(group - 1 + max(sizes), n), PT.shape[0]), dtype=PT.dtype, device=device)
                 s = torch.zeros((Q, n), dtype=torch.float64, device=device)
                 n2 = torch.zeros(n, dtype=torch.float64, device=device)
             o, B = offset[i], a.shape[0]
