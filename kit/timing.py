@@ -64,12 +64,13 @@ def pause_gc_for_start_up() -> None:
 
 
 def end_start_up() -> None:
-    """After the imports and the model load: move every object made so far out of the collector's reach
-    (:func:`gc.freeze`, nothing is freed or moved in memory) and switch the collector back on if
-    :func:`pause_gc_for_start_up` switched it off. Its collections during the passes then walk only the
-    objects the passes make. Does nothing in a process that did not pause the collector."""
+    """After the imports and the model load: switch the collector back on if :func:`pause_gc_for_start_up` switched
+    it off. Does nothing in a process that did not pause it.
+
+    Not done: freezing the start-up's objects out of the collector's reach (:func:`gc.freeze`). It made the
+    passes' few collections cheaper, but in single runs on SmolLM2 the peak RSS was 10.31 and 11.04 GB with it,
+    against 9.35 GB before the pause and 9.86 GB with the pause alone; the passes run a few dozen collections."""
     global _gc_paused
     if _gc_paused:
-        gc.freeze()
         gc.enable()
         _gc_paused = False

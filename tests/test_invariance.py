@@ -74,8 +74,30 @@ def test_contracting_documents_in_groups_changes_nothing(setup, rank):
         assert [i for i, _ in seen] == list(range(len(batches)))
         for i, sc in seen:
             torch.testing.assert_close(sc, ref.scores[:, batches[i].index], rtol=1e-12, atol=0)
+    cache = influence.TokenCache(1e9)  # replayed from a token cache, layer by layer: the same
+    influence.fit_factors(model, mods, batches, fisher="empirical", progress=False, cache=cache)
+    for group in (1, 3, 9, 64):
+        out = influence.score_documents(model, mods, pq, batches, len(docs.ids), per_layer=True, progress=False,
+                                        group=group, replay=cache, workers=2)
+        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-12, atol=0)
+    cache.close()
     assert influence.contraction_group(100) == 50 and influence.contraction_group(1000) == 64
     assert influence.contraction_group(1) == 1
+
+
+def test_document_gradients_are_each_documents_sum_of_outer_products():
+    """``G_z = Σ_t g_t a_tᵀ`` per document, flattened, against an einsum; written into the rows of a buffer."""
+    gen = torch.Generator().manual_seed(0)
+    g, a = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(3, 5, 6, generator=gen, dtype=torch.float64)
+    truth = torch.einsum("bto,bti->boi", g, a).reshape(3, -1)
+    torch.testing.assert_close(influence.document_gradients(g, a), truth, rtol=1e-14, atol=0)
+    buf = torch.full((5, 24), float("nan"), dtype=torch.float64)
+    out = influence.document_gradients(g, a, out=buf[1:4])
+    assert out.data_ptr() == buf[1].data_ptr()
+    torch.testing.assert_close(buf[1:4], truth, rtol=1e-14, atol=0)
+    assert buf[0].isnan().all() and buf[4].isnan().all()  # the rows around are untouched
 
 
 @pytest.mark.parametrize("where", ["memory", "disk"])

@@ -219,10 +219,9 @@ def test_a_run_scores_from_its_own_documents_when_the_corpus_file_is_gone(smoke_
     assert scores.shape[1] == 24 and np.isfinite(scores.to_numpy()).all()
 
 
-def test_the_collector_is_paused_while_the_command_starts_and_frozen_out_after_the_model_load(smoke_world, tmp_path):
+def test_the_collector_is_paused_while_the_command_starts_and_runs_again_after_the_model_load(smoke_world, tmp_path):
     """``python -m kit`` starts with Python's cyclic collector off (start-up makes only objects that live as long as
-    the process); after the model load they are frozen out of its reach and it runs again. A library caller who
-    never paused it is left alone."""
+    the process); after the model load it runs again. A library caller who never paused it is left alone."""
     import subprocess
     import sys
 
@@ -251,12 +250,11 @@ runpy.run_module("kit", run_name="__main__")
     state = json.loads(out.stdout.split("PROBE", 1)[1].splitlines()[0])
     # imports (torch, transformers) and the model load ran without one collection, the collector off
     assert state.get("paused") and state["before"] == {"collections": 0, "enabled": False, "frozen": 0}
-    # then everything made so far was frozen (hundreds of thousands of objects) and the collector is back on
-    assert state["after"]["enabled"] is True and state["after"]["frozen"] > 100_000
+    # then the collector is back on, nothing frozen out of its reach
+    assert state["after"] == {"enabled": True, "frozen": 0}
 
     from kit import timing  # this process never paused it: nothing changes
     import gc
 
-    frozen = gc.get_freeze_count()
     timing.end_start_up()
-    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    assert gc.isenabled()
