@@ -802,16 +802,17 @@ def _eigendecompose_shared(factors: Dict[str, ekfac.LayerFactors], progress: boo
                 raise ekfac.FactorError(f"layer {f.name}: the {label} contains NaN or inf values; the model produced "
                                         "non-finite activations or gradients on this corpus (check the model's dtype "
                                         "and the documents)")
-    for i, f in enumerate(tqdm(layers, desc="EK-FAC eigendecomposition", disable=not progress)):
-        if distributed.owner(i, d.world) == d.rank:
-            ekfac.eigendecompose_layer(f, keep_covariances=True)
-        else:
-            device = f.A.device
-            f.A, f.S = f.A / f.n_tokens, f.S / f.n_tokens
-            f.Q_A = torch.empty((f.d_in, f.d_in), dtype=f.dtype, device=device)
-            f.Q_S = torch.empty((f.d_out, f.d_out), dtype=f.dtype, device=device)
-            f.eig_A = torch.empty(f.d_in, dtype=f.dtype, device=device)
-            f.eig_S = torch.empty(f.d_out, dtype=f.dtype, device=device)
+    with ekfac.lapack_threads(torch.get_num_threads()):
+        for i, f in enumerate(tqdm(layers, desc="EK-FAC eigendecomposition", disable=not progress)):
+            if distributed.owner(i, d.world) == d.rank:
+                ekfac.eigendecompose_layer(f, keep_covariances=True)
+            else:
+                device = f.A.device
+                f.A, f.S = f.A / f.n_tokens, f.S / f.n_tokens
+                f.Q_A = torch.empty((f.d_in, f.d_in), dtype=f.dtype, device=device)
+                f.Q_S = torch.empty((f.d_out, f.d_out), dtype=f.dtype, device=device)
+                f.eig_A = torch.empty(f.d_in, dtype=f.dtype, device=device)
+                f.eig_S = torch.empty(f.d_out, dtype=f.dtype, device=device)
     for i, f in enumerate(layers):
         for t in (f.Q_A, f.eig_A, f.Q_S, f.eig_S):  # contiguous: a broadcast sends the storage as laid out
             distributed.broadcast_(t, src=distributed.owner(i, d.world))
@@ -916,11 +917,14 @@ def preconditioned_queries(model: nn.Module, modules: Dict[str, nn.Module], fact
         if rank is None or rank >= min(f.d_out, f.d_in):  # as precondition_queries, rotated from the tokens
             keep = doc_tokens is not None and \
                 doc_tokens * (f.d_out**2 + f.d_in**2) < n_items * f.d_out * f.d_in * (f.d_out + f.d_in)
-            parts = {"full": f.precondition_tokens(a, g, damping, eigenbasis=keep)}
+            if name not in out.full:
+                out.full[name] = torch.empty((n_items, f.d_out, f.d_in), dtype=f.dtype, device=a.device)
+            dest = out.full[name]  # each query's result is written once, straight into its row
+            f.precondition_tokens(a, g, damping, eigenbasis=keep, out=[dest[i] for i in current[0].tolist()])
             if keep:
                 out.basis[name] = (f.Q_S, f.Q_A)
-        else:
-            parts = dict(zip(("left", "right"), f.precondition_low_rank(None, rank, damping, tokens=(a, g))))
+            return
+        parts = dict(zip(("left", "right"), f.precondition_low_rank(None, rank, damping, tokens=(a, g))))
         idx = current[0]
         for attr, part in parts.items():
             dest = getattr(out, attr)
@@ -963,19 +967,12 @@ def contraction_group(n_queries: int) -> int:
 
 def document_gradients(g: Tensor, a: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Each document's gradient ``G_z = Σ_t g_t a_tᵀ`` of one layer, from its tokens ``g (B, T, d_out)`` and
-    ``a (B, T, d_in)``, flattened: ``(B, d_out·d_in)``, written into ``out`` when given.
-
-    On a CPU one product per document, straight into its row, is about twice as fast as one batched product for the
-    ``(576, 192)`` layers of the lab model (MKL's batched kernel multiplies the transposed ``g`` less well); on a GPU
-    the batched product is one kernel instead of ``B``."""
+    ``a (B, T, d_in)``, flattened: ``(B, d_out·d_in)``, written into ``out`` when given
+    (:func:`kit.ekfac.sequence_gradients`)."""
     B, _, d_out = g.shape
     d_in = a.shape[2]
     G = out if out is not None else torch.empty((B, d_out * d_in), dtype=g.dtype, device=g.device)
-    if g.device.type != "cpu":
-        torch.bmm(g.transpose(1, 2), a, out=G.view(B, d_out, d_in))
-        return G
-    for n in range(B):
-        torch.mm(g[n].T, a[n], out=G[n].view(d_out, d_in))
+    ekfac.sequence_gradients(g, a, out=G.view(B, d_out, d_in))
     return G
 
 

@@ -391,3 +391,70 @@ def test_worker_threads_give_the_same_factors_every_time(setup, where, tmp_path)
     finally:
         handle.remove()
     assert not list(tmp_path.iterdir())
+
+
+def _random_layer(d_out=4, d_in=6, seed=0):
+    """A layer with random orthonormal eigenbases and positive corrected eigenvalues (float64)."""
+    from kit import ekfac
+
+    gen = torch.Generator().manual_seed(seed)
+    f = ekfac.LayerFactors("x", d_out=d_out, d_in=d_in, dtype=torch.float64)
+    f.Q_S = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, dtype=torch.float64))[0]
+    f.Q_A = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=torch.float64))[0]
+    f.Lambda = torch.rand(d_out, d_in, generator=gen, dtype=torch.float64) + 0.1
+    return f, gen
+
+
+@pytest.mark.parametrize("eigenbasis", [False, True])
+@pytest.mark.parametrize("T", [3, 40])  # 3 tokens: every token rotated; 40: each sequence's G_n formed, then rotated
+def test_preconditioned_queries_written_into_given_rows_equal_the_dense_solve(eigenbasis, T):
+    """``precondition_tokens(out=rows)`` writes each sequence's ``P`` (or its eigenbasis form) into the given
+    matrices, here rows of a larger buffer in another order, equal to the dense equation (2), and touches nothing
+    else."""
+    f, gen = _random_layer()
+    g, a = torch.randn(3, T, 4, generator=gen, dtype=torch.float64), torch.randn(3, T, 6, generator=gen, dtype=torch.float64)
+    V = torch.einsum("bto,bti->boi", g, a)
+    M = (f.Q_S.T @ V @ f.Q_A) / (f.Lambda + 0.1 * f.Lambda.mean())
+    truth = M if eigenbasis else f.Q_S @ M @ f.Q_A.T
+    torch.testing.assert_close(f.precondition_tokens(a, g, eigenbasis=eigenbasis), truth, rtol=1e-12, atol=0)
+    buf = torch.full((5, 4, 6), float("nan"), dtype=torch.float64)
+    f.precondition_tokens(a, g, eigenbasis=eigenbasis, out=[buf[4], buf[0], buf[2]])
+    torch.testing.assert_close(buf[[4, 0, 2]], truth, rtol=1e-12, atol=0)
+    assert buf[1].isnan().all() and buf[3].isnan().all()
+
+
+def test_the_kept_damped_eigenvalues_follow_changes_to_lambda_and_damping():
+    """``Λ + λ`` is kept between calls, but a changed ``Λ`` (in place or replaced) or damping is seen."""
+    f, gen = _random_layer(seed=1)
+    V = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64)
+
+    def truth(lam, damping):
+        return f.Q_S @ ((f.Q_S.T @ V @ f.Q_A) / (lam + damping)) @ f.Q_A.T
+
+    torch.testing.assert_close(f.precondition(V), truth(f.Lambda, 0.1 * f.Lambda.mean()), rtol=1e-12, atol=0)
+    f.Lambda.mul_(3.0)  # in place
+    torch.testing.assert_close(f.precondition(V), truth(f.Lambda, 0.1 * f.Lambda.mean()), rtol=1e-12, atol=0)
+    torch.testing.assert_close(f.precondition(V, damping=0.5), truth(f.Lambda, 0.5), rtol=1e-12, atol=0)
+    f.Lambda = f.Lambda + 1.0  # replaced
+    torch.testing.assert_close(f.precondition(V, damping=0.5), truth(f.Lambda, 0.5), rtol=1e-12, atol=0)
+
+
+def test_eigh_on_a_cpu_is_an_orthonormal_eigendecomposition_on_the_threads_given():
+    """:func:`kit.ekfac.eigh` (NumPy's LAPACK on a CPU) against the definition and torch's eigenvalues; inside
+    :func:`kit.ekfac.lapack_threads` NumPy's BLAS runs on the given number of threads."""
+    from threadpoolctl import threadpool_info
+
+    from kit import ekfac
+
+    X = torch.randn(200, 60, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    A = X.T @ X / 200
+    w, Q = ekfac.eigh(A)
+    assert w.dtype == Q.dtype == torch.float64 and Q.shape == (60, 60)
+    assert (w[1:] >= w[:-1]).all()
+    torch.testing.assert_close(w, torch.linalg.eigvalsh(A), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(Q @ torch.diag(w) @ Q.T, A, rtol=0, atol=1e-12)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(60, dtype=torch.float64), rtol=0, atol=1e-12)
+    blas = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    assert blas(), "NumPy's BLAS is not visible to threadpoolctl"
+    with ekfac.lapack_threads(1):
+        assert set(blas()) == {1}
