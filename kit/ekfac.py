@@ -240,24 +240,28 @@ class LayerFactors:
         object and the same ``Q_A`` object right after (a shared input and eigenbasis) does not rotate it again.
         ``out``: the ``B`` matrices ``(d_out, d_in)`` to write the results into (rows of a larger tensor)."""
         tokens = self._rotated_tokens(a, g, memo)
-        if tokens is not None:
-            return sequence_gradients(*tokens, out=out)  # per token, then sum
+        if tokens is not None:  # per token, then summed
+            gq, aq, lengths = tokens
+            return sequence_gradients(gq, aq, out=out, lengths=lengths)
         a, g = a.to(self.dtype), g.to(self.dtype)
-        rotated = self.Q_S.T @ sequence_gradients(g, a) @ self.Q_A  # form G_n first, then rotate it
+        rotated = self.Q_S.T @ sequence_gradients(g, a, lengths=token_lengths(a)) @ self.Q_A  # G_n, then rotated
         if out is None:
             return rotated
         for r, o in zip(rotated, out):
             o.copy_(r)
         return out
 
-    def _rotated_tokens(self, a: Tensor, g: Tensor, memo: Optional[list]) -> Optional[Tuple[Tensor, Tensor]]:
-        """``(g Q_S, a Q_A)``, every token rotated, when that is the cheaper order of :meth:`to_eigenbasis` (then
-        ``Q_Sᵀ G_n Q_A = (g Q_S)_nᵀ (a Q_A)_n``); ``None`` when forming each ``G_n`` first is cheaper."""
+    def _rotated_tokens(self, a: Tensor, g: Tensor, memo: Optional[list]
+                        ) -> Optional[Tuple[Tensor, Tensor, Optional[List[int]]]]:
+        """``(g Q_S, a Q_A, lengths)``, every token rotated (padding skipped, :func:`token_lengths`), when that is
+        the cheaper order of :meth:`to_eigenbasis` (then ``Q_Sᵀ G_n Q_A = (g Q_S)_nᵀ (a Q_A)_n``, summed over the
+        sequence's first ``lengths[n]`` tokens); ``None`` when forming each ``G_n`` first is cheaper."""
         T = a.shape[1]
         if T * (self.d_out**2 + self.d_in**2) > self.d_out * self.d_in * (self.d_out + self.d_in):
             return None
         a, g = a.to(self.dtype), g.to(self.dtype)
-        return g @ self.Q_S, rotate(a, self.Q_A, memo)
+        lengths = token_lengths(a)
+        return rotate_tokens(g, self.Q_S, lengths), rotate(a, self.Q_A, memo, lengths), lengths
 
     def precondition(self, V: Tensor, damping: Union[str, float] = "heuristic", kfac: bool = False) -> Tensor:
         """Apply equation (2), ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ``, to ``V`` of shape ``(..., d_out, d_in)``.
@@ -387,30 +391,71 @@ def new_factors(modules: Dict[str, nn.Module], dtype: Optional[torch.dtype] = No
     return out
 
 
-def sequence_gradients(g: Tensor, a: Tensor, out: Optional[Sequence[Tensor]] = None):
+def token_lengths(x: Tensor) -> Optional[List[int]]:
+    """For ``x (B, T, d)`` on a CPU: per sequence, 1 + the position of its last token whose row of ``x`` is not all
+    zero (0 if none); ``None`` when every sequence runs to ``T`` (nothing to trim), or on another device (where
+    data-dependent shapes would stall the stream).
+
+    Padding is zeroed by :class:`TokenHooks`, and a token whose row is zero adds nothing to ``Σ_t g_t a_tᵀ``, to
+    a Gram ``Σ_t x_t x_tᵀ`` or to ``x Q`` (zeros), so every product over tokens may stop there: the trimmed products
+    are the padded ones, without the multiplications by zero."""
+    if x.device.type != "cpu":
+        return None
+    B, T = x.shape[:2]
+    live = x.ne(0).any(-1)
+    last = torch.where(live.any(1), T - live.flip(1).to(torch.uint8).argmax(1), 0)
+    return None if bool((last == T).all()) else last.tolist()
+
+
+def real_tokens(x: Tensor, lengths: Optional[List[int]]) -> Tensor:
+    """The tokens of ``x (B, T, d)`` as rows ``(tokens, d)``: each sequence's first ``lengths[n]``, packed (all
+    ``B·T`` when ``lengths`` is ``None``)."""
+    if lengths is None:
+        return x.reshape(-1, x.shape[-1])
+    return torch.cat([x[n, :L] for n, L in enumerate(lengths)])
+
+
+def rotate_tokens(x: Tensor, Q: Tensor, lengths: Optional[List[int]] = None) -> Tensor:
+    """``x Q`` for ``x (B, T, d)``; with ``lengths``, only each sequence's first ``lengths[n]`` tokens are multiplied
+    (packed into one product) and the others are zero, as they would be (see :func:`token_lengths`)."""
+    if lengths is None:
+        return x @ Q
+    out = x.new_zeros(x.shape[:-1] + (Q.shape[1],))
+    rotated, start = real_tokens(x, lengths) @ Q, 0
+    for n, L in enumerate(lengths):
+        out[n, :L] = rotated[start:start + L]
+        start += L
+    return out
+
+
+def sequence_gradients(g: Tensor, a: Tensor, out: Optional[Sequence[Tensor]] = None,
+                       lengths: Optional[List[int]] = None):
     """Each sequence's gradient ``G_n = Σ_t g_t a_tᵀ`` of one layer from its tokens ``g (B, T, d_out)`` and
     ``a (B, T, d_in)``: ``(B, d_out, d_in)``, or written into ``out`` (a ``(B, d_out, d_in)`` tensor, or ``B``
-    matrices ``(d_out, d_in)`` such as rows of a larger tensor) and ``out`` returned.
+    matrices ``(d_out, d_in)`` such as rows of a larger tensor) and ``out`` returned. ``lengths``: sum only each
+    sequence's first ``lengths[n]`` tokens (:func:`token_lengths`; the others are zero).
 
     On a CPU one product per sequence, straight into its matrix, is about twice as fast as one batched product
     (MKL's batched kernel multiplies the transposed ``g`` less well, and its result would be a new tensor to copy);
     on a GPU the batched product is one kernel instead of ``B``."""
-    B, _, d_out = g.shape
+    B, T, d_out = g.shape
     if out is None:
         out = torch.empty((B, d_out, a.shape[2]), dtype=g.dtype, device=g.device)
-    if g.device.type != "cpu" and isinstance(out, Tensor):
+    if g.device.type != "cpu" and isinstance(out, Tensor) and lengths is None:
         return torch.bmm(g.transpose(1, 2), a, out=out)
     for n in range(B):
-        torch.mm(g[n].T, a[n], out=out[n])
+        L = T if lengths is None else lengths[n]
+        torch.mm(g[n, :L].T, a[n, :L], out=out[n])
     return out
 
 
-def rotate(a: Tensor, Q: Tensor, memo: Optional[list] = None) -> Tensor:
-    """``a @ Q``; ``memo`` (a list) keeps the last ``(a, Q, a @ Q)`` so that the same ``a`` object rotated by the same
-    ``Q`` object right after (layers sharing an input and its eigenbasis) is not rotated again."""
+def rotate(a: Tensor, Q: Tensor, memo: Optional[list] = None, lengths: Optional[List[int]] = None) -> Tensor:
+    """``a @ Q`` (:func:`rotate_tokens`); ``memo`` (a list) keeps the last ``(a, Q, a @ Q)`` so that the same ``a``
+    object rotated by the same ``Q`` object right after (layers sharing an input and its eigenbasis) is not
+    rotated again."""
     if memo and memo[0] is a and memo[1] is Q:
         return memo[2]
-    aq = a @ Q
+    aq = rotate_tokens(a, Q, lengths)
     if memo is not None:
         memo[:] = [a, Q, aq]
     return aq
@@ -483,7 +528,7 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
                 twin["members"].append(name)
                 twin["seen"] += 1
                 groups[name] = twin
-                add_gram_(f.S, g.reshape(-1, g.shape[-1]).to(f.dtype))
+                add_gram_(f.S, real_tokens(g, token_lengths(g)).to(f.dtype))
                 return
             f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
         group = groups.setdefault(name, {"members": [name], "a": None, "seen": 0, "batches": 0})
@@ -494,8 +539,8 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
                 raise FactorError(f"layers {group['members']} were given the same inputs in the first batch but not "
                                   "in a later one; their activation covariance cannot be shared")
             group["a"], group["seen"], group["batches"] = a, 1, group["batches"] + 1
-            add_gram_(f.A, a.reshape(-1, a.shape[-1]).to(f.dtype))
-        add_gram_(f.S, g.reshape(-1, g.shape[-1]).to(f.dtype))
+            add_gram_(f.A, real_tokens(a, token_lengths(a)).to(f.dtype))
+        add_gram_(f.S, real_tokens(g, token_lengths(g)).to(f.dtype))
 
     return callback
 
@@ -618,10 +663,11 @@ def accumulate_lambda(factors: Dict[str, LayerFactors]) -> Callable[[str, Tensor
             for r in f._to_eigenbasis(a, g, memo):
                 f.Lambda.addcmul_(r, r)
             return
-        gq, aq = tokens
+        gq, aq, lengths = tokens
         r = torch.empty_like(f.Lambda)
         for n in range(gq.shape[0]):  # Λ += r ⊙ r, r = (g Q_S)_nᵀ (a Q_A)_n, one sequence at a time in one buffer
-            torch.mm(gq[n].T, aq[n], out=r)
+            L = gq.shape[1] if lengths is None else lengths[n]
+            torch.mm(gq[n, :L].T, aq[n, :L], out=r)
             f.Lambda.addcmul_(r, r)
 
     return callback

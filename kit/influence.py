@@ -965,14 +965,15 @@ def contraction_group(n_queries: int) -> int:
     return max(1, min(64, n_queries // 2))
 
 
-def document_gradients(g: Tensor, a: Tensor, out: Optional[Tensor] = None) -> Tensor:
+def document_gradients(g: Tensor, a: Tensor, out: Optional[Tensor] = None,
+                       lengths: Optional[List[int]] = None) -> Tensor:
     """Each document's gradient ``G_z = Σ_t g_t a_tᵀ`` of one layer, from its tokens ``g (B, T, d_out)`` and
-    ``a (B, T, d_in)``, flattened: ``(B, d_out·d_in)``, written into ``out`` when given
-    (:func:`kit.ekfac.sequence_gradients`)."""
+    ``a (B, T, d_in)`` (each document's first ``lengths[n]``), flattened: ``(B, d_out·d_in)``, written into ``out``
+    when given (:func:`kit.ekfac.sequence_gradients`)."""
     B, _, d_out = g.shape
     d_in = a.shape[2]
     G = out if out is not None else torch.empty((B, d_out * d_in), dtype=g.dtype, device=g.device)
-    ekfac.sequence_gradients(g, a, out=G.view(B, d_out, d_in))
+    ekfac.sequence_gradients(g, a, out=G.view(B, d_out, d_in), lengths=lengths)
     return G
 
 
@@ -1015,10 +1016,12 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         its tokens rotated into it first (``G`` is then ``Q_Sᵀ G_z Q_A``, of the same norm). ``out``: where to
         write ``G`` (B rows of a buffer)."""
         a, g = a.to(dtype), g.to(dtype)
+        lengths = ekfac.token_lengths(a)  # padding skipped: its rows of a are zero
         if name in pq.basis:
             Q_S, Q_A = pq.basis[name]
-            a, g = ekfac.rotate(a, Q_A, memos.__dict__.setdefault("memo", [])), g @ Q_S
-        G = document_gradients(g, a, out)  # each document's gradient of this layer
+            a = ekfac.rotate(a, Q_A, memos.__dict__.setdefault("memo", []), lengths)
+            g = ekfac.rotate_tokens(g, Q_S, lengths)
+        G = document_gradients(g, a, out, lengths)  # each document's gradient of this layer
         norm2 = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
         if name in pq.full:
             return G, norm2, None, a, g

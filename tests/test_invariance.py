@@ -458,3 +458,29 @@ def test_eigh_on_a_cpu_is_an_orthonormal_eigendecomposition_on_the_threads_given
     assert blas(), "NumPy's BLAS is not visible to threadpoolctl"
     with ekfac.lapack_threads(1):
         assert set(blas()) == {1}
+
+
+def test_products_over_tokens_stop_at_each_sequences_last_nonzero_token_and_equal_the_padded_ones():
+    """:func:`kit.ekfac.token_lengths` trims each sequence after its last token with a nonzero row (a zero row
+    inside a sequence is kept); the trimmed rotation, packing and per-sequence gradients equal the padded
+    products, which only add zeros."""
+    from kit import ekfac
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 6, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 6, 3, generator=gen, dtype=torch.float64)
+    a[0, 4:] = 0  # padded after 4 tokens
+    a[1, 2] = 0  # a zero row inside: kept
+    a[2] = 0  # nothing left
+    a[3, 5] = 0  # the last token only
+    lengths = ekfac.token_lengths(a)
+    assert lengths == [4, 6, 0, 5]
+    assert ekfac.token_lengths(torch.randn(2, 3, 4, generator=gen)) is None  # nothing to trim
+    Q = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
+    torch.testing.assert_close(ekfac.rotate_tokens(a, Q, lengths), a @ Q, rtol=1e-14, atol=0)
+    packed = ekfac.real_tokens(a, lengths)
+    assert packed.shape == (15, 5)
+    torch.testing.assert_close(packed.T @ packed, a.reshape(-1, 5).T @ a.reshape(-1, 5), rtol=1e-14, atol=1e-15)
+    truth = torch.einsum("bto,bti->boi", g, a)
+    torch.testing.assert_close(ekfac.sequence_gradients(g, a, lengths=lengths), truth, rtol=1e-14, atol=1e-15)
+    assert ekfac.sequence_gradients(g, a, lengths=lengths)[2].eq(0).all()  # an empty sequence's gradient is zero
