@@ -393,18 +393,18 @@ def new_factors(modules: Dict[str, nn.Module], dtype: Optional[torch.dtype] = No
 
 def token_lengths(x: Tensor) -> Optional[List[int]]:
     """For ``x (B, T, d)`` on a CPU: per sequence, 1 + the position of its last token whose row of ``x`` is not all
-    zero (0 if none); ``None`` when every sequence runs to ``T`` (nothing to trim), or on another device (where
-    data-dependent shapes would stall the stream).
+    zero (0 if none); ``None`` when under 1/16 of the ``B·T`` tokens would be trimmed (packing them would cost
+    more than it saves), or on another device (where data-dependent shapes would stall the stream).
 
     Padding is zeroed by :class:`TokenHooks`, and a token whose row is zero adds nothing to ``Σ_t g_t a_tᵀ``, to
     a Gram ``Σ_t x_t x_tᵀ`` or to ``x Q`` (zeros), so every product over tokens may stop there: the trimmed products
     are the padded ones, without the multiplications by zero."""
     if x.device.type != "cpu":
         return None
-    B, T = x.shape[:2]
-    live = x.ne(0).any(-1)
-    last = torch.where(live.any(1), T - live.flip(1).to(torch.uint8).argmax(1), 0)
-    return None if bool((last == T).all()) else last.tolist()
+    T = x.shape[1]
+    live = x.abs().amax(-1) != 0  # (B, T); a NaN row counts as live
+    last = (live * torch.arange(1, T + 1)).amax(1).tolist()
+    return None if sum(last) * 16 > 15 * len(last) * T else last  # under 1/16 padding: not worth packing
 
 
 def real_tokens(x: Tensor, lengths: Optional[List[int]]) -> Tensor:

@@ -476,6 +476,9 @@ def test_products_over_tokens_stop_at_each_sequences_last_nonzero_token_and_equa
     lengths = ekfac.token_lengths(a)
     assert lengths == [4, 6, 0, 5]
     assert ekfac.token_lengths(torch.randn(2, 3, 4, generator=gen)) is None  # nothing to trim
+    nan = a.clone()
+    nan[0, 5, 1] = float("nan")  # a NaN row is not padding
+    assert ekfac.token_lengths(nan) == [6, 6, 0, 5]
     Q = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
     torch.testing.assert_close(ekfac.rotate_tokens(a, Q, lengths), a @ Q, rtol=1e-14, atol=0)
     packed = ekfac.real_tokens(a, lengths)
