@@ -244,7 +244,8 @@ class LayerFactors:
             gq, aq, lengths = tokens
             return sequence_gradients(gq, aq, out=out, lengths=lengths)
         a, g = a.to(self.dtype), g.to(self.dtype)
-        rotated = self.Q_S.T @ sequence_gradients(g, a, lengths=token_lengths(a)) @ self.Q_A  # G_n, then rotated
+        lengths = token_lengths(a, self.d_out * self.d_in)
+        rotated = self.Q_S.T @ sequence_gradients(g, a, lengths=lengths) @ self.Q_A  # G_n, then rotated
         if out is None:
             return rotated
         for r, o in zip(rotated, out):
@@ -260,7 +261,7 @@ class LayerFactors:
         if T * (self.d_out**2 + self.d_in**2) > self.d_out * self.d_in * (self.d_out + self.d_in):
             return None
         a, g = a.to(self.dtype), g.to(self.dtype)
-        lengths = token_lengths(a)
+        lengths = token_lengths(a, self.d_out**2 + self.d_in**2 + self.d_out * self.d_in)
         return rotate_tokens(g, self.Q_S, lengths), rotate(a, self.Q_A, memo, lengths), lengths
 
     def precondition(self, V: Tensor, damping: Union[str, float] = "heuristic", kfac: bool = False) -> Tensor:
@@ -391,15 +392,20 @@ def new_factors(modules: Dict[str, nn.Module], dtype: Optional[torch.dtype] = No
     return out
 
 
-def token_lengths(x: Tensor) -> Optional[List[int]]:
+TRIM_WORK = 1 << 20  # multiply-adds per token below which padding is not worth finding (narrow layers)
+
+
+def token_lengths(x: Tensor, work: int) -> Optional[List[int]]:
     """For ``x (B, T, d)`` on a CPU: per sequence, 1 + the position of its last token whose row of ``x`` is not all
-    zero (0 if none); ``None`` when under 1/16 of the ``B·T`` tokens would be trimmed (packing them would cost
-    more than it saves), or on another device (where data-dependent shapes would stall the stream).
+    zero (0 if none), for products that cost ``work`` multiply-adds per token. ``None`` (every token) when that is
+    under :data:`TRIM_WORK` (finding and packing the tokens would cost about what it saves: on lab ``large``'s
+    192/576-wide layers it cost 2 % of the run), when under 1/16 of the ``B·T`` tokens would be trimmed, or on
+    another device (where data-dependent shapes would stall the stream).
 
     Padding is zeroed by :class:`TokenHooks`, and a token whose row is zero adds nothing to ``Σ_t g_t a_tᵀ``, to
     a Gram ``Σ_t x_t x_tᵀ`` or to ``x Q`` (zeros), so every product over tokens may stop there: the trimmed products
     are the padded ones, without the multiplications by zero."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or work < TRIM_WORK:
         return None
     T = x.shape[1]
     live = x.abs().amax(-1) != 0  # (B, T); a NaN row counts as live
@@ -528,7 +534,7 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
                 twin["members"].append(name)
                 twin["seen"] += 1
                 groups[name] = twin
-                add_gram_(f.S, real_tokens(g, token_lengths(g)).to(f.dtype))
+                add_gram_(f.S, real_tokens(g, token_lengths(g, f.d_out**2 // 2)).to(f.dtype))
                 return
             f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
         group = groups.setdefault(name, {"members": [name], "a": None, "seen": 0, "batches": 0})
@@ -539,8 +545,8 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
                 raise FactorError(f"layers {group['members']} were given the same inputs in the first batch but not "
                                   "in a later one; their activation covariance cannot be shared")
             group["a"], group["seen"], group["batches"] = a, 1, group["batches"] + 1
-            add_gram_(f.A, real_tokens(a, token_lengths(a)).to(f.dtype))
-        add_gram_(f.S, real_tokens(g, token_lengths(g)).to(f.dtype))
+            add_gram_(f.A, real_tokens(a, token_lengths(a, f.d_in**2 // 2)).to(f.dtype))
+        add_gram_(f.S, real_tokens(g, token_lengths(g, f.d_out**2 // 2)).to(f.dtype))
 
     return callback
 

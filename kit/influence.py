@@ -1016,7 +1016,8 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
         its tokens rotated into it first (``G`` is then ``Q_Sᵀ G_z Q_A``, of the same norm). ``out``: where to
         write ``G`` (B rows of a buffer)."""
         a, g = a.to(dtype), g.to(dtype)
-        lengths = ekfac.token_lengths(a)  # padding skipped: its rows of a are zero
+        d_out, d_in = g.shape[-1], a.shape[-1]  # padding skipped (its rows of a are zero) where that pays
+        lengths = ekfac.token_lengths(a, d_out * d_in + (d_out**2 + d_in**2 if name in pq.basis else 0))
         if name in pq.basis:
             Q_S, Q_A = pq.basis[name]
             a = ekfac.rotate(a, Q_A, memos.__dict__.setdefault("memo", []), lengths)

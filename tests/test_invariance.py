@@ -30,8 +30,15 @@ def setup():
     return model, tracked_modules(model), docs, queries
 
 
+@pytest.mark.parametrize("trim", [False, True])
 @pytest.mark.parametrize("fisher", ["empirical", "sampled"])
-def test_batch_size_and_padding_do_not_matter(setup, fisher):
+def test_batch_size_and_padding_do_not_matter(setup, fisher, trim, monkeypatch):
+    """``trim``: every product over tokens skips each sequence's padding (:func:`kit.ekfac.token_lengths`), which
+    the kit does only for wide layers; these are narrow."""
+    from kit import ekfac
+
+    if trim:
+        monkeypatch.setattr(ekfac, "TRIM_WORK", 0)
     model, mods, docs, queries = setup
     f1, s1, n1 = run(model, mods, docs, queries, batch_size=1, fisher=fisher)  # batch of one: no padding at all
     for bs in (4, 17):  # padded batches, the last one holding every length
@@ -473,12 +480,13 @@ def test_products_over_tokens_stop_at_each_sequences_last_nonzero_token_and_equa
     a[1, 2] = 0  # a zero row inside: kept
     a[2] = 0  # nothing left
     a[3, 5] = 0  # the last token only
-    lengths = ekfac.token_lengths(a)
+    lengths = ekfac.token_lengths(a, ekfac.TRIM_WORK)
     assert lengths == [4, 6, 0, 5]
-    assert ekfac.token_lengths(torch.randn(2, 3, 4, generator=gen)) is None  # nothing to trim
+    assert ekfac.token_lengths(torch.randn(2, 3, 4, generator=gen), ekfac.TRIM_WORK) is None  # nothing to trim
     nan = a.clone()
     nan[0, 5, 1] = float("nan")  # a NaN row is not padding
-    assert ekfac.token_lengths(nan) == [6, 6, 0, 5]
+    assert ekfac.token_lengths(nan, ekfac.TRIM_WORK) == [6, 6, 0, 5]
+    assert ekfac.token_lengths(a, ekfac.TRIM_WORK - 1) is None  # too little work per token to be worth it
     Q = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
     torch.testing.assert_close(ekfac.rotate_tokens(a, Q, lengths), a @ Q, rtol=1e-14, atol=0)
     packed = ekfac.real_tokens(a, lengths)
