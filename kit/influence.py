@@ -1055,60 +1055,90 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
     if start >= len(batches):
         return ScoreOutput(scores, norms, layer_scores, token_scores)
 
-    acc: Dict[str, Tensor] = {}  # this batch's low-rank scores, norms and per-token scores
-    gathered: Dict[str, List[Tensor]] = {}  # per full-rank layer: the gathered batches' G, (B, d_out·d_in) each
-    waiting: List[dict] = []  # gathered batches, in order: index, batch, partial scores (Q, B), norms, layers
+    class Scorer:
+        """One thread's share of the batches that run the model: each batch's partial results, its full-rank
+        layers' gradients gathered until ``group`` documents are waiting, then contracted with ``P`` together."""
 
-    def callback(name, a, g):
-        G, norm2, s, a, g = layer_terms(name, a, g)
-        acc["norm2"] = norm2 if "norm2" not in acc else acc["norm2"] + norm2
-        if G is not None:
-            gathered.setdefault(name, []).append(G)
-        else:
-            acc["scores"] = s if "scores" not in acc else acc["scores"] + s
-            if per_layer:
-                acc[f"layer:{name}"] = s
-        if per_token:  # in the eigenbasis when P is kept there: a and g were rotated with it
-            P = pq.full[name] if name in pq.basis else pq.layer(name)
-            t = torch.einsum("bto,qoi,bti->qbt", g, P, a).to(torch.float64)
-            acc["tokens"] = t if "tokens" not in acc else acc["tokens"] + t
+        def __init__(self):
+            self.acc: Dict[str, Tensor] = {}  # this batch's low-rank scores, norms and per-token scores
+            self.gathered: Dict[str, List[Tensor]] = {}  # per full-rank layer: the waiting batches' G (B, d_out·d_in)
+            self.waiting: List[dict] = []  # gathered batches, in order: index, batch, partial scores, norms, layers
 
-    def flush():
-        """Contract the gathered gradients with ``P`` and hand every waiting batch its scores, in order."""
-        if not waiting:
-            return
-        sizes = [len(w["batch"].index) for w in waiting]
-        for name, parts in gathered.items():
-            s = (flat[name] @ torch.cat(parts).T).to(torch.float64)  # (Q, gathered documents)
-            for w, part in zip(waiting, torch.split(s, sizes, dim=1)):
-                w["scores"] += part
+        def callback(self, name, a, g):
+            acc = self.acc
+            G, norm2, s, a, g = layer_terms(name, a, g)
+            acc["norm2"] = norm2 if "norm2" not in acc else acc["norm2"] + norm2
+            if G is not None:
+                self.gathered.setdefault(name, []).append(G)
+            else:
+                acc["scores"] = s if "scores" not in acc else acc["scores"] + s
                 if per_layer:
-                    w["layers"][name] = part
-        gathered.clear()
-        for w in waiting:
-            deliver(w["i"], w["batch"], w["scores"], w["norms"], w["layers"])
-        waiting.clear()
+                    acc[f"layer:{name}"] = s
+            if per_token:  # in the eigenbasis when P is kept there: a and g were rotated with it
+                P = pq.full[name] if name in pq.basis else pq.layer(name)
+                t = torch.einsum("bto,qoi,bti->qbt", g, P, a).to(torch.float64)
+                acc["tokens"] = t if "tokens" not in acc else acc["tokens"] + t
 
-    def after(i, b, _losses):
-        B = len(b.index)
-        w = {"i": i, "batch": b, "norms": acc.pop("norm2").sqrt(),
-             "scores": acc.pop("scores", None), "layers": {}}
-        if w["scores"] is None:
-            w["scores"] = torch.zeros((Q, B), dtype=torch.float64, device=w["norms"].device)
-        if per_layer:
-            w["layers"] = {n[len("layer:"):]: v for n, v in acc.items() if n.startswith("layer:")}
-        if per_token:
-            t = acc.pop("tokens").cpu()
-            for r, d in enumerate(b.index.cpu().tolist()):
-                token_scores[d] = t[:, r, : int(b.attention_mask[r].sum())]
-        acc.clear()
-        waiting.append(w)
-        if sum(len(x["batch"].index) for x in waiting) >= group or i == len(batches) - 1:
-            flush()
+        def after(self, i, b, _losses):
+            acc, B = self.acc, len(b.index)
+            w = {"i": i, "batch": b, "norms": acc.pop("norm2").sqrt(),
+                 "scores": acc.pop("scores", None), "layers": {}}
+            if w["scores"] is None:
+                w["scores"] = torch.zeros((Q, B), dtype=torch.float64, device=w["norms"].device)
+            if per_layer:
+                w["layers"] = {n[len("layer:"):]: v for n, v in acc.items() if n.startswith("layer:")}
+            if per_token:
+                t = acc.pop("tokens").cpu()
+                for r, d in enumerate(b.index.cpu().tolist()):
+                    token_scores[d] = t[:, r, : int(b.attention_mask[r].sum())]
+            acc.clear()
+            self.waiting.append(w)
+            if sum(len(x["batch"].index) for x in self.waiting) >= group or i == len(batches) - 1:
+                self.flush()
 
-    run_pass(model, modules, batches, callback, lambda b: token_losses(model, b, "empirical"), "scoring documents",
-             start=start, after_batch=after, progress=progress, replay=replay)
-    flush()
+        def flush(self):
+            """Contract the gathered gradients with ``P`` and hand every waiting batch on (:func:`in_order`)."""
+            if not self.waiting:
+                return
+            sizes = [len(w["batch"].index) for w in self.waiting]
+            for name, parts in self.gathered.items():
+                s = (flat[name] @ torch.cat(parts).T).to(torch.float64)  # (Q, gathered documents)
+                for w, part in zip(self.waiting, torch.split(s, sizes, dim=1)):
+                    w["scores"] += part
+                    if per_layer:
+                        w["layers"][name] = part
+            self.gathered.clear()
+            for w in self.waiting:
+                in_order(w)
+            self.waiting.clear()
+
+    ready: Dict[int, dict] = {}  # batches scored by one thread while an earlier one is still with another
+    next_batch = [start]
+    lock = threading.Lock()
+
+    def in_order(w: dict) -> None:
+        """Deliver the batches in batch order, whichever thread scored them (the sink's progress counts on it)."""
+        with lock:
+            ready[w["i"]] = w
+            while next_batch[0] in ready:
+                w = ready.pop(next_batch[0])
+                deliver(w["i"], w["batch"], w["scores"], w["norms"], w["layers"])
+                next_batch[0] += 1
+
+    loss = lambda b: token_losses(model, b, "empirical")  # noqa: E731
+    W = max(1, min(workers, len(batches) - start)) if not per_token else 1
+    group = max(1, group // W)  # the threads' gathered gradients together: within half of P's memory, as one's
+    scorers = [Scorer() for _ in range(W)]
+    if W == 1:
+        run_pass(model, modules, batches, scorers[0].callback, loss, "scoring documents", start=start,
+                 after_batch=scorers[0].after, progress=progress, replay=replay)
+    else:  # batches side by side on one thread each, as the fit's passes (see run_pass_in_threads)
+        bar = tqdm(total=len(batches), initial=start, desc="scoring documents", disable=not progress)
+        run_pass_in_threads(model, modules, batches, [sc.callback for sc in scorers], [sc.after for sc in scorers],
+                            loss, start, len(batches), bar, replay)
+        bar.close()
+    for sc in scorers:  # what each thread still holds (its share ended before `group` documents were waiting)
+        sc.flush()
     return ScoreOutput(scores, norms, layer_scores, token_scores)
 
 

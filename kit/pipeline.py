@@ -486,6 +486,7 @@ def open_run(run: Union[str, Path], quiet: bool = False, device: Optional[str] =
     if not same:
         raise InputError(f"the model {cfg.model} changed since {run} was fitted; run `kit fit` again")
     r.factor_key = conf["factor_key"]
+    r.workers = fit_workers(cfg.workers, r.device, sum(p.numel() for p in r.model.parameters()))
     if "batch_tokens" in conf:  # score in the fit's batches (a replayed and a separate scoring then agree to
         #                          float rounding)
         r.batch_tokens = conf["batch_tokens"]

@@ -156,7 +156,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
     fb = 8 if cfg.factor_dtype == "float64" else 4
     n_params = sum(p.numel() for p in model.parameters())
     workers = fit_workers(cfg.workers, device, n_params)
-    # the fit's batches: with W workers each holds 1/W of the token cap (the scoring pass keeps the whole cap)
+    # the fit's batches: with W workers each holds 1/W of the token cap (the scoring pass runs them too)
     fit_batch_tokens = worker_batch_tokens(cfg.max_batch_tokens or None, workers)
     ctx = getattr(model.config, "max_position_embeddings", None) or 512
     max_tokens = cfg.max_tokens or min(512, ctx)
@@ -182,19 +182,17 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
             pieces = len(st) / max(1, st.meta["n_documents"])
             D = int(round(n_docs * pieces))
             mean_len = float(sample_lengths.mean())
-            padded = _padding_ratio(sample_lengths, cfg.batch_size, cfg.max_batch_tokens or None)
-            padded_fit = _padding_ratio(sample_lengths, cfg.batch_size, fit_batch_tokens)
+            padded_fit = _padding_ratio(sample_lengths, cfg.batch_size, fit_batch_tokens)  # fit and score batches
             if has_weights and cfg.measure:
-                timing = _measure(cfg, model, mods, tok, st, rank, device, Q, D * mean_len * padded / cfg.nproc,
+                timing = _measure(cfg, model, mods, tok, st, rank, device, Q, D * mean_len * padded_fit / cfg.nproc,
                                   workers, fit_batch_tokens)
     else:
         D = int(cfg.n_docs)
         mean_len = float(cfg.tokens_per_doc or max_tokens)
-        padded, padded_fit, timing = 1.0, 1.0, None
+        padded_fit, timing = 1.0, None
     if cfg.corpus is None or not (has_weights and cfg.measure):
         timing = None
     tokens = D * mean_len
-    padded_tokens = tokens * padded
 
     # -- memory per process, by part
     sum_io = sum(o * i for o, i in layers)
@@ -251,7 +249,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
         per_token = timing["fit_s_per_token"] * (2 - cached) + timing["replay_s_per_token"]
         start = startup_s + load_s + tokenise_s * n_docs  # start-up, model load, tokenising the corpus once
         times = {"fit": start + fit_tokens * per_token + timing["eigh_s"],
-                 "score": startup_s + load_s + padded_tokens / cfg.nproc * timing["score_s_per_token"]
+                 "score": startup_s + load_s + fit_tokens * timing["score_s_per_token"]
                  + Q * timing["query_s"]}
         timing.update(model_load_s=load_s, tokenise_s_per_doc=tokenise_s, startup_s=startup_s)
 
@@ -281,7 +279,7 @@ def plan(cfg: PlanConfig, quiet: bool = True, startup_s: float = 0.0) -> Dict:
                 advice.append(f"{stage} takes about {t / 3600:.1f} h on {cfg.nproc} process(es); use more processes "
                               "(--nproc, or torchrun --nnodes for several machines)")
     return {"inputs": {"model": cfg.model, "parameters": n_params, "tracked_layers": len(layers),
-                       "tracked_weights": sum_io, "documents": D, "tokens": tokens, "padding": padded,
+                       "tracked_weights": sum_io, "documents": D, "tokens": tokens, "padding": padded_fit,
                        "queries": Q, "nproc": cfg.nproc, "workers": workers,
                        "fit_batch_tokens": fit_batch_tokens, "device": device, "dtype": cfg.dtype,
                        "measured": bool(timing)},
@@ -308,7 +306,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     layers' preconditioned queries stay in the eigenbasis (see :func:`influence.preconditioned_queries`), and so
     what preconditioning a query and scoring a document cost. The fit's two passes run on ``workers`` threads
     (:func:`influence.run_pass_in_threads`) over batches of at most ``fit_batch_tokens`` tokens, as ``kit fit``
-    runs them; the scoring pass over batches of ``--max-batch-tokens``."""
+    runs them, and so does the scoring pass (``kit score`` scores in the fit's batches, on its worker threads)."""
     import torch
 
     from . import ekfac, influence
@@ -317,7 +315,6 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     cuda = device.startswith("cuda")
     pad = int(tok.pad_token_id)
     fit_batches = make_batches(store, cfg.batch_size, pad, max_batch_tokens=fit_batch_tokens)
-    batches = make_batches(store, cfg.batch_size, pad, max_batch_tokens=cfg.max_batch_tokens or None)
 
     def sample(bs, run: int):
         """``run`` consecutive batches from the start, the middle and the end of the length distribution (the
@@ -325,7 +322,7 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
         starts = sorted({0, max(0, len(bs) // 2 - run // 2), max(0, len(bs) - run)})
         return [bs[i] for i in sorted({j for s in starts for j in range(s, min(len(bs), s + run))})]
 
-    sub, fit_sub = sample(batches, 1), sample(fit_batches, workers)
+    fit_sub = sample(fit_batches, workers)
     factors = ekfac.new_factors(mods, torch.float64 if cfg.factor_dtype == "float64" else torch.float32)
     if cuda:
         torch.cuda.synchronize()
@@ -368,7 +365,6 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
     cache.close()
     influence.add_worker_sums(factors, sums, "lambda")
     ekfac.finalise_lambda(factors)  # the correction's Λ, as a fit finishes it: the queries are preconditioned with it
-    tok_score = sum(b.input_ids.numel() for b in sub)
     # query gradients of a batch of queries of the planned length, preconditioned as the scoring run will do it.
     # Whether a layer's P stays in the eigenbasis compares doc_tokens against the number of queries, linearly
     # (doc_tokens·(d_out² + d_in²) < Q·d_out·d_in·(d_out + d_in)): a batch of n queries scaled to n/Q of the
@@ -393,12 +389,14 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
         else:
             pq.left[name] = torch.randn(Q, f.d_out, int(rank), generator=gen).to(device, f.dtype)
             pq.right[name] = torch.randn(Q, int(rank), f.d_in, generator=gen).to(device, f.dtype)
-    influence.score_documents(model, mods, pq, sub[:1], len(store), sink=lambda *a: None, progress=False)  # warm-up
+    # timed as `kit score` runs it: the fit's batches, side by side on its worker threads
+    influence.score_documents(model, mods, pq, fit_sub[:1], len(store), sink=lambda *a: None, progress=False)  # warm-up
     t0 = time.perf_counter()
-    influence.score_documents(model, mods, pq, sub, len(store), sink=lambda *a: None, progress=False)
+    influence.score_documents(model, mods, pq, fit_sub, len(store), sink=lambda *a: None, progress=False,
+                              workers=workers)
     if cuda:
         torch.cuda.synchronize()
-    score_s = (time.perf_counter() - t0) / tok_score
+    score_s = (time.perf_counter() - t0) / tok_fit
     # eigendecomposition: each distinct layer size once, float64 on the device
     eigh_s, seen = 0.0, {}
     for f in factors.values():

@@ -150,6 +150,41 @@ def test_scoring_replayed_layer_by_layer_equals_running_the_model(setup, rank, w
         cache.close()
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_scoring_that_runs_the_model_on_worker_threads_equals_one_thread(setup, rank):
+    """`kit score` on a CPU runs the documents' batches side by side on the fit's worker threads, each gathering its
+    own documents' gradients for the contraction with P: the scores, norms and per-layer scores of one thread (to
+    float rounding), each batch handed to a sink exactly once and in batch order (the scoring's progress file
+    counts on it), also when resumed at a later batch; an error on a thread reaches the caller."""
+    model, mods, docs, queries = setup
+    batches = make_batches(docs, 2, 0)  # 10 batches: each thread's gathered documents are contracted mid-pass
+    n = len(docs.ids)
+    factors = influence.fit_factors(model, mods, make_batches(docs, 4, 0), fisher="empirical", progress=False)
+    pq, _ = influence.preconditioned_queries(model, mods, factors, make_batches(queries, 4, 0), len(queries.ids),
+                                             rank=rank, progress=False)
+    ref = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False, group=3)
+    assert ref.scores.abs().min() > 0
+    for workers in (2, 3):
+        out = influence.score_documents(model, mods, pq, batches, n, per_layer=True, progress=False, group=3,
+                                        workers=workers)
+        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.doc_grad_norm, ref.doc_grad_norm, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.per_layer, ref.per_layer, rtol=1e-12, atol=0)
+        seen = []
+        influence.score_documents(model, mods, pq, batches, n, progress=False, start=3, group=3, workers=workers,
+                                  sink=lambda i, b, sc, nm: seen.append((i, sc.clone(), nm.clone())))
+        assert [i for i, _, _ in seen] == list(range(3, len(batches)))
+        for i, sc, nm in seen:
+            torch.testing.assert_close(sc, ref.scores[:, batches[i].index], rtol=1e-12, atol=0)
+            torch.testing.assert_close(nm, ref.doc_grad_norm[batches[i].index], rtol=1e-12, atol=0)
+
+    def fail(i, b, sc, nm):
+        if i == 4:
+            raise RuntimeError("the sink failed at batch 4")
+    with pytest.raises(RuntimeError, match="the sink failed at batch 4"):
+        influence.score_documents(model, mods, pq, batches, n, progress=False, group=1, workers=2, sink=fail)
+
+
 @pytest.mark.parametrize("replayed", [False, True])
 def test_scoring_in_the_eigenbasis_equals_scoring_in_the_layers_basis(setup, replayed):
     """With few document tokens the full-rank P stays in the eigenbasis and the documents' tokens are rotated
