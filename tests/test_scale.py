@@ -230,6 +230,29 @@ def test_damaged_scores_are_detected(run_a, smoke_world, tmp_path):
     kit.load_scores(run)
 
 
+def test_a_killed_scoring_on_worker_threads_resumes_to_the_same_scores(run_a, smoke_world, tmp_path, monkeypatch):
+    """`kit score` runs the model on the fit's two worker threads (a small model on a 2-thread CPU); killed part-way,
+    it keeps the batches delivered in order up to its last progress mark and resumes from there, to the scores of
+    an uninterrupted scoring."""
+    cfg = ScoreConfig(queries=smoke_world["queries"], batch_size=2)  # 50 batches of the 100 documents
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shutil.copytree(run_a, ref)
+    shutil.copytree(run_a, run)
+    assert kit.pipeline.open_run(run, quiet=True).workers == 2
+    kit.score(ref, cfg, quiet=True)
+    monkeypatch.setenv("KIT_FAIL_AFTER_BATCHES", "23")
+    with pytest.raises(KeyboardInterrupt):
+        kit.score(run, cfg, quiet=True)
+    monkeypatch.delenv("KIT_FAIL_AFTER_BATCHES")
+    sdir = next((run / "scores").iterdir())
+    progress = json.loads((sdir / "progress.rank0.json").read_text())
+    assert progress["next_batch"] == 20  # the last mark (every 10 batches) before the kill, with every batch before it
+    kit.score(run, cfg, quiet=True)
+    a, b = kit.load_scores(ref).to_numpy(), kit.load_scores(run).to_numpy()
+    assert np.abs(a).min() > 0
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=0)
+
+
 def test_resuming_with_another_batch_size_is_refused(smoke_world, halves, tmp_path, monkeypatch):
     monkeypatch.setenv("KIT_FAIL_AFTER_BATCHES", "5")
     cfg = dict(model=smoke_world["model"], corpus=str(halves["A"]), batch_size=8, checkpoint_every=2, device="cpu")
