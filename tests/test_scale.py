@@ -247,7 +247,9 @@ def test_a_killed_scoring_on_worker_threads_resumes_to_the_same_scores(run_a, sm
     monkeypatch.delenv("KIT_FAIL_AFTER_BATCHES")
     sdir = next((run / "scores").iterdir())
     progress = json.loads((sdir / "progress.rank0.json").read_text())
-    assert progress["next_batch"] == 20  # the last mark (every 10 batches) before the kill, with every batch before it
+    # a mark every 10 batches delivered in order; the threads hand batches on at each contraction, so at the kill
+    # (batch 23) the last mark is 20, or 10 when a thread still held batches 11–19
+    assert progress["next_batch"] in (10, 20)
     kit.score(run, cfg, quiet=True)
     a, b = kit.load_scores(ref).to_numpy(), kit.load_scores(run).to_numpy()
     assert np.abs(a).min() > 0
