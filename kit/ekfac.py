@@ -524,6 +524,10 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
     A fit resumed from saved sums keeps each layer's own ``A``."""
     groups: Dict[str, dict] = {}  # layer → its group: members, the `a` being counted, how many members saw it
 
+    def add(acc: Tensor, x: Tensor) -> None:
+        """``acc += Σ_t x_t x_tᵀ`` over the real tokens of ``x (B, T, d)`` (padding skipped where that pays)."""
+        add_gram_(acc, real_tokens(x, token_lengths(x, x.shape[-1] ** 2 // 2)).to(acc.dtype))
+
     def callback(name: str, a: Tensor, g: Tensor) -> None:
         f = factors[name]
         if f.A is None:
@@ -534,7 +538,7 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
                 twin["members"].append(name)
                 twin["seen"] += 1
                 groups[name] = twin
-                add_gram_(f.S, real_tokens(g, token_lengths(g, f.d_out**2 // 2)).to(f.dtype))
+                add(f.S, g)
                 return
             f.A = torch.zeros(f.d_in, f.d_in, dtype=f.dtype, device=a.device)
         group = groups.setdefault(name, {"members": [name], "a": None, "seen": 0, "batches": 0})
@@ -545,8 +549,8 @@ def accumulate_covariances(factors: Dict[str, LayerFactors]) -> Callable[[str, T
                 raise FactorError(f"layers {group['members']} were given the same inputs in the first batch but not "
                                   "in a later one; their activation covariance cannot be shared")
             group["a"], group["seen"], group["batches"] = a, 1, group["batches"] + 1
-            add_gram_(f.A, real_tokens(a, token_lengths(a, f.d_in**2 // 2)).to(f.dtype))
-        add_gram_(f.S, real_tokens(g, token_lengths(g, f.d_out**2 // 2)).to(f.dtype))
+            add(f.A, a)
+        add(f.S, g)
 
     return callback
 

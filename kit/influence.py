@@ -1093,7 +1093,7 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
                     token_scores[d] = t[:, r, : int(b.attention_mask[r].sum())]
             acc.clear()
             self.waiting.append(w)
-            if sum(len(x["batch"].index) for x in self.waiting) >= group or i == len(batches) - 1:
+            if sum(len(x["batch"].index) for x in self.waiting) >= group:
                 self.flush()
 
         def flush(self):
@@ -1125,18 +1125,14 @@ def score_documents(model: nn.Module, modules: Dict[str, nn.Module], pq: Precond
                 deliver(w["i"], w["batch"], w["scores"], w["norms"], w["layers"])
                 next_batch[0] += 1
 
-    loss = lambda b: token_losses(model, b, "empirical")  # noqa: E731
     W = max(1, min(workers, len(batches) - start)) if not per_token else 1
     group = max(1, group // W)  # the threads' gathered gradients together: within half of P's memory, as one's
     scorers = [Scorer() for _ in range(W)]
-    if W == 1:
-        run_pass(model, modules, batches, scorers[0].callback, loss, "scoring documents", start=start,
-                 after_batch=scorers[0].after, progress=progress, replay=replay)
-    else:  # batches side by side on one thread each, as the fit's passes (see run_pass_in_threads)
-        bar = tqdm(total=len(batches), initial=start, desc="scoring documents", disable=not progress)
-        run_pass_in_threads(model, modules, batches, [sc.callback for sc in scorers], [sc.after for sc in scorers],
-                            loss, start, len(batches), bar, replay)
-        bar.close()
+    bar = tqdm(total=len(batches), initial=start, desc="scoring documents", disable=not progress)
+    # batches side by side on one thread each, as the fit's passes (one thread: in this one)
+    run_pass_in_threads(model, modules, batches, [sc.callback for sc in scorers], [sc.after for sc in scorers],
+                        lambda b: token_losses(model, b, "empirical"), start, len(batches), bar, replay)
+    bar.close()
     for sc in scorers:  # what each thread still holds (its share ended before `group` documents were waiting)
         sc.flush()
     return ScoreOutput(scores, norms, layer_scores, token_scores)
