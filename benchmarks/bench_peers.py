@@ -96,6 +96,32 @@ def bench_data(model: str, n_docs: int, n_queries: int, work: Path, seed: int = 
     return corpus, qpath
 
 
+# -- the issue's targets, read off one benchmark run --------------------------------------------------------------
+
+
+def verdicts(summary: dict, floor_s: float) -> dict:
+    """The speed targets on this run: the kit ≥ 2× the best peer (the peer with the lowest median), on the medians and
+    round by round (rounds are paired by index: the same round of the rotation); peak RSS ≤ every peer's; the kit's
+    median ≤ 2× the floor. Each as met / not met, with the numbers it rests on."""
+    tools = summary["tools"]
+    kit = tools["kit"]
+    best = min((t for t in tools if t != "kit"), key=lambda t: tools[t]["median_s"])
+    ratio = tools[best]["median_s"] / kit["median_s"]
+    rounds = [b / k for b, k in zip(tools[best]["wall_s"], kit["wall_s"])]
+    lowest_peer_rss = min(tools[t]["peak_rss_gb"] for t in tools if t != "kit")
+    over_floor = kit["median_s"] / floor_s
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    lines = ["", "targets on this run:",
+             f"  kit ≥ 2× the best peer ({best}): {ratio:.2f}× on the medians, {met(ratio >= 2)}; rounds "
+             + ", ".join(f"{r:.2f}×" for r in rounds) + f" ({sum(r >= 2 for r in rounds)} of {len(rounds)} ≥ 2×)",
+             f"  peak RSS ≤ every peer's: {kit['peak_rss_gb']:.2f} GB against ≥ {lowest_peer_rss:.2f} GB, "
+             f"{met(kit['peak_rss_gb'] <= lowest_peer_rss)}",
+             f"  ≤ 2× the floor: {over_floor:.2f}× of {floor_s:.1f} s, {met(over_floor <= 2)}"]
+    return {"best_peer": best, "speedup": ratio, "speedup_by_round": rounds, "speedup_met": ratio >= 2,
+            "rss_met": kit["peak_rss_gb"] <= lowest_peer_rss, "over_floor": over_floor,
+            "floor_met": over_floor <= 2, "lines": lines}
+
+
 # -- running one tool ------------------------------------------------------------------------------------------
 
 
@@ -265,6 +291,9 @@ def main():
         print(f"kit vs the floor ({fl['floor_s']:.1f} s): {k['median_s'] / fl['floor_s']:.2f}×")
         summary["ratios"] = {**{f"speedup_vs_{p}": t / k["median_s"] for p, t in peers.items()},
                              "kit_over_floor": k["median_s"] / fl["floor_s"]}
+        if peers:
+            summary["targets"] = verdicts(summary, fl["floor_s"])
+            print("\n".join(summary["targets"]["lines"]))
     for tool in tools:
         if tool != "kit" and summary["tools"][tool]["stages"]:
             print(f"{tool} stages (s): " + " · ".join(f"{s} {v:.1f}" for s, v in summary["tools"][tool]["stages"].items()
