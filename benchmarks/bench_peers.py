@@ -104,11 +104,11 @@ def verdicts(summary: dict, floor_s: float) -> dict:
     round by round (rounds are paired by index: the same round of the rotation); peak RSS ≤ every peer's; the kit's
     median ≤ 2× the floor. Each as met / not met, with the numbers it rests on."""
     tools = summary["tools"]
-    kit = tools["kit"]
-    best = min((t for t in tools if t != "kit"), key=lambda t: tools[t]["median_s"])
+    kit, peers = tools["kit"], [t for t in tools if t != "kit"]
+    best = min(peers, key=lambda t: tools[t]["median_s"])
     ratio = tools[best]["median_s"] / kit["median_s"]
     rounds = [b / k for b, k in zip(tools[best]["wall_s"], kit["wall_s"])]
-    lowest_peer_rss = min(tools[t]["peak_rss_gb"] for t in tools if t != "kit")
+    lowest_peer_rss = min(tools[t]["peak_rss_gb"] for t in peers)
     over_floor = kit["median_s"] / floor_s
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     lines = ["", "targets on this run:",
