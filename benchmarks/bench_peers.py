@@ -167,9 +167,9 @@ def bergson_cli(out: Path, runner_wall: float) -> dict:
     """bergson is timed as its CLI process alone, from that process's start to its scores on disk, and its peak RSS
     is that process's. The runner around it (``benchmarks/peers/run_bergson.py``) first writes the documents and
     queries as pre-tokenised datasets, because bergson cannot format these queries itself (the lab tokenizer has no
-    chat template), and afterwards reads bergson's score store back into ``scores.npy`` for the comparison: about
-    4 s of imports, tokenising and reading that a bergson user would not wait for on every run, so they are left
-    out (``runner_wall_s`` keeps the runner's whole time). bergson thus gets its documents already tokenised,
+    chat template), and afterwards reads bergson's score store back into ``scores.npy`` for the comparison: on the
+    lab models 4–6 s of imports, tokenising and reading that a bergson user would not wait for on every run, so
+    they are left out (``runner_wall_s`` keeps the runner's whole time). bergson thus gets its documents already tokenised,
     which the kit's own time includes (its "tokenising" stage)."""
     info = json.loads((out / "timings.json").read_text())
     return {"wall_s": info["timings_s"]["bergson_process"], "peak_rss_gb": info["peak_rss_mib"]["bergson"] / 2**10,
