@@ -214,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return distributed.launch(["--"] + rest, args.nproc)
         if args.cmd in ("fit", "score"):  # their time summary starts with what starting the process cost
             from . import pipeline
-            from .plan import process_age
+            from .timing import process_age
 
             pipeline.STARTUP_S = process_age()
             if args.cmd in ("fit", "plan") and args.workers != 1:  # before any thread starts (influence.share_heap)
@@ -266,7 +266,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             import transformers  # noqa: F401  (imported by every fit/score: part of their start-up)
 
             from . import pipeline  # noqa: F401
-            from .plan import PlanConfig, plan, process_age, render
+            from .plan import PlanConfig, plan, render
+            from .timing import process_age
 
             p = plan(startup_s=process_age(), cfg=PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
                                 tokens_per_doc=args.tokens_per_doc, queries=args.queries, n_queries=args.n_queries,

@@ -414,18 +414,6 @@ def _measure(cfg: PlanConfig, model, mods, tok, store, rank, device: str, Q: int
             "measured_batches": len(fit_sub), "workers": workers, "eigenbasis_layers": sorted(measured.basis)}
 
 
-def process_age() -> float:
-    """Seconds since this process started (Linux ``/proc``), i.e. what interpreter start and imports cost so far."""
-    try:
-        ticks = os.sysconf("SC_CLK_TCK")
-        with open("/proc/self/stat") as fh:
-            start = int(fh.read().rsplit(")", 1)[1].split()[19]) / ticks
-        with open("/proc/uptime") as fh:
-            return float(fh.read().split()[0]) - start
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def render(p: Dict) -> str:
     """The plan as the table ``kit plan`` prints."""
     i = p["inputs"]

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import time
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
+
+_IMPORTED = time.monotonic()  # this module's first import: among the kit's first moments in a process
+EXEC_GAP_S = 2.0  # the most a Python start takes before it imports the kit (tens of ms on the lab machine)
 
 
 class Stopwatch:
@@ -34,6 +38,33 @@ class Stopwatch:
 
     def as_dict(self) -> Dict[str, float]:
         return {k: round(v, 3) for k, v in self.stages.items()}
+
+
+def process_age() -> float:
+    """Seconds since this process's program started: the interpreter's start, the imports and what ran since.
+
+    Linux records when a process was *forked* (``/proc/self/stat``), not when it started its program: a shell that
+    runs ``kit`` as the last command of a subshell, or with ``exec``, forked that process before whatever ran first,
+    and the fork's age would charge that to the kit's start-up. Python takes well under :data:`EXEC_GAP_S` to start
+    and import this module, so a larger gap between the fork and that import means the program started later: the
+    age is then counted from the import (missing the interpreter's own start, a few tens of milliseconds)."""
+    since_import = time.monotonic() - _IMPORTED
+    forked = _forked_age()
+    if forked is None or forked - since_import > EXEC_GAP_S:
+        return since_import
+    return forked
+
+
+def _forked_age() -> Optional[float]:
+    """Seconds since this process was forked (Linux ``/proc``); ``None`` where that cannot be read."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as fh:
+            start = int(fh.read().rsplit(")", 1)[1].split()[19]) / ticks
+        with open("/proc/uptime") as fh:
+            return float(fh.read().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _sync() -> None:

@@ -258,3 +258,27 @@ runpy.run_module("kit", run_name="__main__")
 
     timing.end_start_up()
     assert gc.isenabled()
+
+
+def test_start_up_is_counted_from_the_program_start_not_the_fork():
+    """The time summary's "start-up and imports" (kit.timing.process_age): a shell that sleeps 3 s and then execs
+    Python hands it a process forked 3 s before; that wait is not the kit's start-up. Run directly, the age is the
+    fork's (the interpreter's own start included), at least the time since the kit's first import."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/stat").exists() or shutil.which("sh") is None:
+        pytest.skip("needs Linux /proc and a POSIX shell")
+    probe = ("import time, kit.timing as t; time.sleep(0.2); s = time.monotonic() - t._IMPORTED; "
+             "print(t.process_age(), s)")
+    py = shlex.quote(sys.executable)
+    late = subprocess.run(["sh", "-c", f"sleep 3; exec {py} -c {shlex.quote(probe)}"], capture_output=True,
+                          text=True, timeout=60, check=True)
+    age, since_import = map(float, late.stdout.split())
+    assert 0.2 <= since_import <= age < 2.0  # counted from the import: not the shell's 3 s
+    direct = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    age, since_import = map(float, direct.stdout.split())
+    assert 0.2 <= since_import <= age + 0.02 and age < 2.0  # the fork's age: interpreter start included (to /proc's 10 ms)
