@@ -188,6 +188,9 @@ def _findings_config(args):
     return FindingsConfig(**given), given
 
 
+_COMMAND = False  # set by run(): main() is this process's command, so what the process cost so far is its start-up
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun … -m kit -- score …`: everything after -- is ours
@@ -216,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from . import pipeline
             from .timing import process_age
 
-            pipeline.STARTUP_S = process_age()
+            pipeline.STARTUP_S = process_age() if _COMMAND else 0.0  # in-process callers: no start-up of theirs
             if args.cmd in ("fit", "plan") and args.workers != 1:  # before any thread starts (influence.share_heap)
                 from .influence import share_heap
 
@@ -269,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .plan import PlanConfig, plan, render
             from .timing import process_age
 
-            p = plan(startup_s=process_age(), cfg=PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
+            p = plan(startup_s=process_age() if _COMMAND else 0.0, cfg=PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
                                 tokens_per_doc=args.tokens_per_doc, queries=args.queries, n_queries=args.n_queries,
                                 nproc=args.nproc, device=args.device, dtype=args.dtype, factor_dtype=args.factor_dtype,
                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
@@ -389,8 +392,11 @@ def run() -> None:
     own teardown of torch and transformers, about a second on a CPU machine, which a user waiting on the command
     (or a script timing it) would otherwise sit through; so the process ends at once, after leaving a
     ``torchrun`` process group and flushing the console. An exception still ends it the usual way (traceback,
-    exit status 1). In-process callers (tests, notebooks) use :func:`main`, which returns.
+    exit status 1). In-process callers (tests, notebooks) use :func:`main`, which returns; their time summaries have
+    no "start-up and imports" (the process started for something else), a command's has its process's.
     """
+    global _COMMAND
+    _COMMAND = True
     code = main()
     try:
         import torch.distributed as dist

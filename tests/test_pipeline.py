@@ -37,6 +37,8 @@ def test_run_directory_layout(fitted):
     assert {"model load", "tokenising", "covariance pass", "eigendecomposition", "eigenvalue correction",
             "writing"} <= set(fit_t) and all(v >= 0 for v in fit_t.values())
     assert {"query gradients", "scoring pass", "writing"} <= set(score_t) and score_t["scoring pass"] > 0
+    # main() called in process (this test's): the process started for something else, so no start-up stage
+    assert "start-up and imports" not in fit_t and "start-up and imports" not in score_t
 
 
 def test_load_scores_kinds(fitted):
@@ -252,6 +254,9 @@ runpy.run_module("kit", run_name="__main__")
     assert state.get("paused") and state["before"] == {"collections": 0, "enabled": False, "frozen": 0}
     # then the collector is back on, nothing frozen out of its reach
     assert state["after"] == {"enabled": True, "frozen": 0}
+    # `python -m kit` is the process's command: its time summary starts with what starting the process cost
+    started = json.loads((tmp_path / "run" / "config.json").read_text())["fit_timings"]["start-up and imports"]
+    assert 0 < started < 60
 
     from kit import timing  # this process never paused it: nothing changes
     import gc
