@@ -16,7 +16,7 @@ help:
 	@echo "make explore   the explorer (notebook 08) as a web app on http://127.0.0.1:$(PORT)/ (Voila; PORT=, and"
 	@echo "               RUNS='{\"small\": \"data/runs/lab-small\"}' or RUNS=path/to/run for any scored runs)"
 	@echo "make html      the executed notebooks as standalone offline HTML (figures/executed/*.html)"
-	@echo "make validate  does EK-FAC find the documents that matter? retraining, LDS, recall -> notebook 09 (~25 min; ARGS=--quick)"
+	@echo "make validate  does EK-FAC find the documents that matter? retraining, LDS, recall -> notebook 09 (~22 min; ARGS=--quick)"
 	@echo "make bench     benchmarks: the kit's CLI vs kronfluence and bergson end to end; in-process tiny-Llama row"
 	@echo "make bergson-env   bergson (a benchmark peer) in its own environment, .venv-bergson"
 	@echo "make world     the offline lab world: corpus, both lab models, their answered query sets (data/lab)"
