@@ -191,6 +191,14 @@ def _findings_config(args):
 _COMMAND = False  # set by run(): main() is this process's command, so what the process cost so far is its start-up
 
 
+def _start_up_s() -> float:
+    """What starting this process cost so far (:func:`kit.timing.process_age`) when ``main`` is its command; 0 for
+    in-process callers, whose process started for something else."""
+    from .timing import process_age
+
+    return process_age() if _COMMAND else 0.0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun … -m kit -- score …`: everything after -- is ours
@@ -217,9 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return distributed.launch(["--"] + rest, args.nproc)
         if args.cmd in ("fit", "score"):  # their time summary starts with what starting the process cost
             from . import pipeline
-            from .timing import process_age
 
-            pipeline.STARTUP_S = process_age() if _COMMAND else 0.0  # in-process callers: no start-up of theirs
+            pipeline.STARTUP_S = _start_up_s()
             if args.cmd in ("fit", "plan") and args.workers != 1:  # before any thread starts (influence.share_heap)
                 from .influence import share_heap
 
@@ -270,9 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             from . import pipeline  # noqa: F401
             from .plan import PlanConfig, plan, render
-            from .timing import process_age
 
-            p = plan(startup_s=process_age() if _COMMAND else 0.0, cfg=PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
+            p = plan(startup_s=_start_up_s(), cfg=PlanConfig(model=args.model, corpus=args.corpus, n_docs=args.n_docs,
                                 tokens_per_doc=args.tokens_per_doc, queries=args.queries, n_queries=args.n_queries,
                                 nproc=args.nproc, device=args.device, dtype=args.dtype, factor_dtype=args.factor_dtype,
                                 batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
